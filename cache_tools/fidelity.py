@@ -1,0 +1,156 @@
+"""Fidelity of stored targets against the teacher's exact outputs (numpy, torch-free).
+
+The build measures these on a sample of entries and stores them per entry and as a summary; the
+numbers answer "what does this codec cost the losses": KL of the softmax at T=1 and T=4 (what the
+pixel-wise loss sees), argmax agreement, and the error of the pair-wise loss's cosine matrix.
+
+Node windows follow the official pair-wise loss: ``MaxPool2d(kernel=(floor(h*s), floor(w*s)),
+stride=kernel, ceil_mode=True)`` with ``s = 0.5``, so a 65x65 grid gives windows
+[0:32], [32:64], [64:65] per axis (9 nodes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .schema import FIDELITY_COLUMNS
+
+__all__ = [
+    "compose_nodes",
+    "cosine_matrix",
+    "entry_fidelity",
+    "kl_per_pixel",
+    "log_softmax",
+    "node_windows",
+    "official_kernel",
+    "pool_cells",
+    "summarize",
+]
+
+
+def log_softmax(z: np.ndarray, axis: int = 0) -> np.ndarray:
+    z = z - z.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+def kl_per_pixel(ref: np.ndarray, approx: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """KL(softmax(ref/T) || softmax(approx/T)) for logits (K, h, w) -> (h, w), in float64."""
+    lr = log_softmax(ref.astype(np.float64) / temperature)
+    la = log_softmax(approx.astype(np.float64) / temperature)
+    return np.maximum((np.exp(lr) * (lr - la)).sum(axis=0), 0.0)
+
+
+def node_windows(size: int, kernel: int) -> list[tuple[int, int]]:
+    """Ceil-mode, stride = kernel, no padding: window bounds along one axis."""
+    kernel = max(1, int(kernel))
+    n = -(-size // kernel)
+    # ceil_mode drops a last window that would start outside the input (cannot happen with pad 0)
+    return [(i * kernel, min((i + 1) * kernel, size)) for i in range(n)]
+
+
+def official_kernel(h: int, w: int, pool_scale: float = 0.5) -> tuple[int, int]:
+    """The official node kernel: half the map (floor), at least 1."""
+    return max(1, int(h * pool_scale)), max(1, int(w * pool_scale))
+
+
+def pool_cells(feature: np.ndarray, block: tuple[int, int], mode: str = "max") -> np.ndarray:
+    """Pool a (C, h, w) map with kernel = stride = block, ceil mode -> (C, ceil(h/bh), ceil(w/bw)).
+
+    ``avg`` averages each cell over its real extent (partial last cells are not zero-padded).
+    """
+    c, h, w = feature.shape
+    rows, cols = node_windows(h, block[0]), node_windows(w, block[1])
+    out = np.empty((c, len(rows), len(cols)), dtype=np.float32)
+    reduce = np.max if mode == "max" else np.mean
+    for i, (a, b) in enumerate(rows):
+        for j, (p, q) in enumerate(cols):
+            out[:, i, j] = reduce(feature[:, a:b, p:q], axis=(1, 2))
+    return out
+
+
+def compose_nodes(
+    cells: np.ndarray,
+    block: tuple[int, int],
+    grid: tuple[int, int],
+    kernel: tuple[int, int],
+    mode: str = "max",
+) -> np.ndarray:
+    """Nodes of the pair-wise loss computed from stored pooled cells.
+
+    Max-pooling composes: when every window boundary falls on a cell boundary the result equals
+    pooling the full map directly. Average pooling composes with area weights. Windows that cut a
+    cell take the whole cell (an approximation, exact for aligned grids).
+
+    Args:
+        cells: (C, hp, wp) map pooled with ``block`` on a grid of size ``grid``.
+        kernel: node window size on that grid.
+    """
+    h, w = grid
+    rows, cols = node_windows(h, kernel[0]), node_windows(w, kernel[1])
+    cell_rows, cell_cols = node_windows(h, block[0]), node_windows(w, block[1])
+    out = np.empty((cells.shape[0], len(rows), len(cols)), dtype=np.float32)
+    for i, (a, b) in enumerate(rows):
+        ri = range(a // block[0], -(-b // block[0]))
+        for j, (p, q) in enumerate(cols):
+            ci = range(p // block[1], -(-q // block[1]))
+            sub = cells[:, ri.start : ri.stop, ci.start : ci.stop]
+            if mode == "max":
+                out[:, i, j] = sub.max(axis=(1, 2))
+            else:
+                area = np.outer(
+                    [cell_rows[r][1] - cell_rows[r][0] for r in ri],
+                    [cell_cols[c][1] - cell_cols[c][0] for c in ci],
+                )
+                out[:, i, j] = (sub * area).sum(axis=(1, 2)) / area.sum()
+    return out
+
+
+def cosine_matrix(nodes: np.ndarray) -> np.ndarray:
+    """(C, nh, nw) nodes -> (N, N) cosine similarities, with the official 1e-8 in the norm."""
+    v = nodes.reshape(nodes.shape[0], -1).astype(np.float64)
+    v = v / (np.linalg.norm(v, axis=0, keepdims=True) + 1e-8)
+    return v.T @ v
+
+
+def entry_fidelity(
+    ref_logits: np.ndarray,
+    dec_logits: np.ndarray,
+    ref_nodes: np.ndarray | None = None,
+    dec_nodes: np.ndarray | None = None,
+) -> np.ndarray:
+    """One row of :data:`~cache_tools.schema.FIDELITY_COLUMNS` for one entry (valid region only)."""
+    kl1 = kl_per_pixel(ref_logits, dec_logits, 1.0)
+    kl4 = kl_per_pixel(ref_logits, dec_logits, 4.0)
+    agree = float((ref_logits.argmax(0) == dec_logits.argmax(0)).mean())
+    if ref_nodes is not None and dec_nodes is not None:
+        err = np.abs(cosine_matrix(ref_nodes) - cosine_matrix(dec_nodes))
+        pe_mean, pe_max = float(err.mean()), float(err.max())
+    else:
+        pe_mean = pe_max = float("nan")
+    row = [kl1.mean(), kl1.max(), kl4.mean(), kl4.max(), agree, pe_mean, pe_max, kl1.size]
+    return np.asarray(row, dtype=np.float32)
+
+
+def summarize(rows: np.ndarray) -> dict:
+    """Aggregate per-entry rows (NaN rows = not sampled) into the store's ``fidelity`` attribute."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[1] != len(FIDELITY_COLUMNS):
+        raise ValueError("fidelity rows have the wrong shape")
+    rows = rows[~np.isnan(rows[:, 0])]
+    if not len(rows):
+        return {"sampled_entries": 0}
+    col = {name: rows[:, i] for i, name in enumerate(FIDELITY_COLUMNS)}
+    w = col["valid_pixels"]
+    out = {
+        "sampled_entries": len(rows),
+        "kl_t1_mean": float(np.average(col["kl_t1_mean"], weights=w)),
+        "kl_t1_max": float(col["kl_t1_max"].max()),
+        "kl_t4_mean": float(np.average(col["kl_t4_mean"], weights=w)),
+        "kl_t4_max": float(col["kl_t4_max"].max()),
+        "argmax_agreement": float(np.average(col["argmax_agreement"], weights=w)),
+    }
+    pe = col["pair_cos_err_mean"]
+    if not np.isnan(pe).all():
+        out["pair_cos_err_mean"] = float(np.nanmean(pe))
+        out["pair_cos_err_max"] = float(np.nanmax(col["pair_cos_err_max"]))
+    return out

@@ -1,0 +1,696 @@
+"""Create, resume, finalise and read cache stores.
+
+Writers own whole shards: :meth:`CacheWriter.write_shard` writes every array of one shard in one
+piece (zarr rewrites a whole shard object on any write into it, and two writers sharing a shard
+lose data), then the shard's per-entry checksums and, last, its done markers. A killed build
+therefore leaves complete shards plus some that are simply not done, and a resume redoes only
+those.
+
+Readers validate everything they are told by the store before they use it: the schema attribute,
+every array's dtype and codec chain (an allow-list of standard zarr v3 codecs; never pickle or
+object dtypes) and the shapes the schema implies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .codecs import FeatureCodec, LogitCodec, Part
+from .errors import (
+    CacheError,
+    CacheNotFoundError,
+    ConfigMismatchError,
+    CorruptEntryError,
+    IncompleteCacheError,
+    NotACacheError,
+    SchemaError,
+    SchemaMismatchError,
+    UnsafeCacheError,
+)
+from .fidelity import summarize
+from .schema import FIDELITY_COLUMNS, ROOT_ATTR, Arrays, CacheSchema, Compressor, View
+from .storage import is_remote, local_path, open_store, remove_store, storage_errors, url_exists
+
+__all__ = [
+    "ALLOWED_CODECS",
+    "ALLOWED_DTYPES",
+    "CacheEntry",
+    "CacheReader",
+    "CacheWriter",
+    "entry_checksum",
+    "open_cache",
+    "prepare_cache",
+]
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_DTYPES = frozenset(
+    [
+        "bool",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "float16",
+        "float32",
+        "float64",
+    ]
+)
+#: Standard zarr v3 codecs a reader will run. Anything else (numcodecs.pickle, vlen codecs, ...) is refused.
+ALLOWED_CODECS = frozenset(["bytes", "zstd", "blosc", "sharding_indexed", "crc32c", "transpose"])
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _compressors(comp: Compressor, dtype: str) -> list:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if comp.name == "none":
+        return []
+    if comp.name == "zstd":
+        # the frame checksum makes a corrupt chunk fail to decode instead of decoding to garbage
+        return [ZstdCodec(level=comp.level, checksum=True)]
+    itemsize = np.dtype(dtype).itemsize
+    shuffle = "shuffle" if itemsize > 1 else "noshuffle"
+    cname = "lz4" if comp.name == "blosc-lz4" else "zstd"
+    return [BloscCodec(cname=cname, clevel=comp.level, shuffle=shuffle, typesize=itemsize)]
+
+
+def entry_checksum(parts: dict[str, dict[str, np.ndarray]]) -> int:
+    """blake2b-64 over an entry's encoded parts (targets and parts in sorted order, little-endian)."""
+    h = hashlib.blake2b(digest_size=8)
+    for target in sorted(parts):
+        for name in sorted(parts[target]):
+            arr = np.ascontiguousarray(parts[target][name])
+            if arr.dtype.byteorder == ">":
+                arr = arr.astype(arr.dtype.newbyteorder("<"))
+            h.update(f"{target}/{name}:{arr.dtype.str}:{arr.shape}".encode())
+            h.update(arr.tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def _encode_ids(ids: list[str], width: int) -> np.ndarray:
+    out = np.zeros((len(ids), width), dtype=np.uint8)
+    for i, s in enumerate(ids):
+        b = s.encode("utf-8")
+        out[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
+    return out
+
+
+def _decode_ids(arr: np.ndarray) -> list[str]:
+    out = []
+    for row in arr:
+        b = bytes(row).rstrip(b"\0")
+        try:
+            out.append(b.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise SchemaError("images/id holds bytes that are not UTF-8") from exc
+    return out
+
+
+def _target_parts(schema: CacheSchema) -> dict[str, dict[str, Part]]:
+    k = schema.logits.channels
+    h, w = schema.logits.grid
+    parts = {"logits": LogitCodec.from_params(schema.logits.codec, schema.logits.params).parts(k, h, w)}
+    if schema.features is not None:
+        f = schema.features
+        hp, wp = f.cells
+        # the parts only depend on the codec name and stored channel count
+        if f.codec == "pca":
+            parts["features"] = {"data": Part((f.depth, hp, wp), "float16")}
+        else:
+            parts["features"] = FeatureCodec(f.codec).parts(f.channels, hp, wp)
+    return parts
+
+
+def _static_arrays(schema: CacheSchema) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
+    """Every array of a store: path -> (shape, dtype, chunk shape). Data parts are sharded."""
+    e, i, s = schema.num_entries, schema.num_images, schema.shard_entries
+    si = schema.shard_images
+    out = {
+        Arrays.IMAGE_ID: ((i, schema.id_bytes), "uint8", (min(i, 4096), schema.id_bytes)),
+        Arrays.IMAGE_SHA256: ((i, 32), "uint8", (si, 32)),
+        Arrays.IMAGE_SIZE: ((i, 2), "int32", (min(i, 4096), 2)),
+        Arrays.ENTRY_IMAGE: ((e,), "int32", (s,)),
+        Arrays.ENTRY_SCALE: ((e,), "float32", (s,)),
+        Arrays.ENTRY_RESIZED: ((e, 2), "int32", (s, 2)),
+        Arrays.ENTRY_BOX: ((e, 4), "int32", (s, 4)),
+        Arrays.ENTRY_FLIP: ((e,), "uint8", (s,)),
+        Arrays.ENTRY_GRID: ((e, 2), "int32", (s, 2)),
+        Arrays.ENTRY_DONE: ((e,), "uint8", (s,)),
+        Arrays.ENTRY_CHECKSUM: ((e,), "uint64", (s,)),
+        Arrays.ENTRY_FIDELITY: ((e, len(FIDELITY_COLUMNS)), "float32", (s, len(FIDELITY_COLUMNS))),
+        Arrays.ENTRY_CLIPPED: ((e,), "uint32", (s,)),
+    }
+    if schema.features is not None and schema.features.codec == "pca":
+        c, k = schema.features.channels, schema.features.depth
+        out[Arrays.PCA_BASIS] = ((k, c), "float32", (k, c))
+        out[Arrays.PCA_MEAN] = ((c,), "float32", (c,))
+    return out
+
+
+def _data_arrays(schema: CacheSchema) -> dict[str, Part]:
+    out = {}
+    for target, parts in _target_parts(schema).items():
+        group = Arrays.LOGITS if target == "logits" else Arrays.FEATURES
+        for name, part in parts.items():
+            out[f"{group}/{name}"] = part
+    return out
+
+
+def _compressor_for(schema: CacheSchema, path: str) -> Compressor:
+    if path.startswith(Arrays.LOGITS + "/"):
+        return schema.logits.compressor
+    if path.startswith(Arrays.FEATURES + "/") and schema.features is not None:
+        return schema.features.compressor
+    return Compressor("zstd", 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation of what a store says about itself
+
+
+def _codec_names(codecs: Any) -> list[str]:
+    names = []
+    for c in codecs or ():
+        if not isinstance(c, dict):
+            raise UnsafeCacheError("array metadata lists a codec that is not an object")
+        name = c.get("name")
+        names.append(str(name))
+        conf = c.get("configuration") or {}
+        if name == "sharding_indexed":
+            names += _codec_names(conf.get("codecs"))
+            names += _codec_names(conf.get("index_codecs"))
+    return names
+
+
+def _check_array_metadata(path: str, arr: Any) -> None:
+    meta = arr.metadata.to_dict()
+    if meta.get("zarr_format") != 3:
+        raise UnsafeCacheError(f"array {path} is not a zarr v3 array")
+    dtype = str(meta.get("data_type"))
+    if dtype not in ALLOWED_DTYPES:
+        raise UnsafeCacheError(f"array {path} has data type {dtype!r}; an skd cache holds only plain numeric arrays")
+    bad = [n for n in _codec_names(meta.get("codecs")) if n not in ALLOWED_CODECS]
+    if bad:
+        raise UnsafeCacheError(
+            f"array {path} uses codec(s) {', '.join(sorted(set(bad)))} outside the allowed set "
+            f"({', '.join(sorted(ALLOWED_CODECS))}); refusing to decode it"
+        )
+    if meta.get("storage_transformers"):
+        raise UnsafeCacheError(f"array {path} uses storage transformers; refusing to read it")
+
+
+def _validate_group(group: Any, schema: CacheSchema) -> dict[str, Any]:
+    """Check every array the schema implies (and every array present); return path -> array."""
+    members = {}
+    for path, node in group.members(max_depth=None):
+        if hasattr(node, "metadata") and getattr(node.metadata, "node_type", "") == "array":
+            _check_array_metadata(path, node)
+            members[path] = node
+    expected = {p: (shape, dtype) for p, (shape, dtype, _) in _static_arrays(schema).items()}
+    for p, part in _data_arrays(schema).items():
+        expected[p] = ((schema.num_entries, *part.shape), part.dtype)
+    for p, (shape, dtype) in expected.items():
+        arr = members.get(p)
+        if arr is None:
+            raise SchemaError(f"array {p} is missing from the store")
+        if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != dtype:
+            raise SchemaError(f"array {p} is {tuple(arr.shape)} {arr.dtype}, the schema implies {tuple(shape)} {dtype}")
+    return members
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One decoded entry.
+
+    Attributes:
+        logits: (K, h, w) float32 teacher logits on the entry's valid grid.
+        feature: (C, hp, wp) float32 pooled teacher feature cells covering the valid grid, or None.
+    """
+
+    index: int
+    image_index: int
+    image_id: str
+    view: View
+    grid: tuple[int, int]
+    logits: np.ndarray
+    feature: np.ndarray | None
+
+
+def _open_group(url: str, storage_options: dict | None, cache_dir: str | None = None, read_only: bool = True):
+    import zarr
+
+    if not url_exists(url, storage_options):
+        raise CacheNotFoundError(f"no cache at {url}: nothing exists there (check the path or URL)")
+    store = open_store(url, read_only=read_only, storage_options=storage_options, cache_dir=cache_dir)
+    with storage_errors(url):
+        try:
+            return zarr.open_group(store, mode="r" if read_only else "r+", zarr_format=3)
+        except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+            raise NotACacheError(f"{url} is not an skd cache (no zarr v3 group there: {exc})") from None
+
+
+def _read_schema(group: Any, url: str) -> CacheSchema:
+    attrs = group.attrs.asdict()
+    if ROOT_ATTR not in attrs:
+        raise NotACacheError(f"{url} is a zarr group but not an skd cache (no '{ROOT_ATTR}' attribute)")
+    return CacheSchema.from_dict(attrs[ROOT_ATTR])
+
+
+class CacheReader:
+    """Read-only access to a cache. Cheap to construct in each DataLoader worker.
+
+    The small per-entry tables (views, grids, done markers, checksums) are loaded at open; an
+    entry's data is read on demand, one chunk per part.
+    """
+
+    def __init__(self, url: str, group: Any, schema: CacheSchema, arrays: dict[str, Any]):
+        self.url = url
+        self.group = group
+        self.schema = schema
+        self._arrays = arrays
+        self.logit_codec = LogitCodec.from_params(schema.logits.codec, schema.logits.params)
+        self.feature_codec: FeatureCodec | None = None
+        if schema.features is not None:
+            basis = mean = None
+            if schema.features.codec == "pca":
+                basis = arrays[Arrays.PCA_BASIS][...]
+                mean = arrays[Arrays.PCA_MEAN][...]
+            self.feature_codec = FeatureCodec(schema.features.codec, basis=basis, mean=mean)
+        with storage_errors(url):
+            self.image_ids = _decode_ids(arrays[Arrays.IMAGE_ID][...])
+            self.image_sizes = arrays[Arrays.IMAGE_SIZE][...].astype(np.int64)
+            self.entry_image = arrays[Arrays.ENTRY_IMAGE][...].astype(np.int64)
+            self.entry_scale = arrays[Arrays.ENTRY_SCALE][...]
+            self.entry_resized = arrays[Arrays.ENTRY_RESIZED][...].astype(np.int64)
+            self.entry_box = arrays[Arrays.ENTRY_BOX][...].astype(np.int64)
+            self.entry_flip = arrays[Arrays.ENTRY_FLIP][...].astype(bool)
+            self.entry_grid = arrays[Arrays.ENTRY_GRID][...].astype(np.int64)
+            self.done = arrays[Arrays.ENTRY_DONE][...].astype(bool)
+        if len(set(self.image_ids)) != len(self.image_ids):
+            raise SchemaError("images/id holds duplicate ids")
+        if self.entry_image.min(initial=0) < 0 or self.entry_image.max(initial=0) >= schema.num_images:
+            raise SchemaError("entries/image points outside images/")
+        self._parts = _target_parts(schema)
+        self._index = {s: i for i, s in enumerate(self.image_ids)}
+
+    # -- tables ---------------------------------------------------------------------------------
+    @property
+    def num_entries(self) -> int:
+        return self.schema.num_entries
+
+    @property
+    def num_images(self) -> int:
+        return self.schema.num_images
+
+    def __len__(self) -> int:
+        return self.num_entries
+
+    def image_index(self, image_id: str) -> int:
+        try:
+            return self._index[image_id]
+        except KeyError:
+            raise SchemaMismatchError(f"image id {image_id!r} is not in the cache {self.url}") from None
+
+    def image_sha256(self) -> list[str]:
+        """sha256 (hex) of every image file, as recorded at build time ('' where not written)."""
+        raw = self._arrays[Arrays.IMAGE_SHA256][...]
+        return ["" if not row.any() else bytes(row).hex() for row in raw]
+
+    def entries_of_image(self, image: int) -> range:
+        k = self.schema.entries_per_image
+        return range(image * k, (image + 1) * k)
+
+    def view(self, i: int) -> View:
+        y0, x0, h, w = (int(v) for v in self.entry_box[i])
+        return View(
+            image=int(self.entry_image[i]),
+            scale=float(self.entry_scale[i]),
+            resized=(int(self.entry_resized[i, 0]), int(self.entry_resized[i, 1])),
+            box=(y0, x0, h, w),
+            flip=bool(self.entry_flip[i]),
+        )
+
+    def checksums(self) -> np.ndarray:
+        return self._arrays[Arrays.ENTRY_CHECKSUM][...]
+
+    # -- entries --------------------------------------------------------------------------------
+    def _part_arrays(self) -> list[tuple[str, str, Any]]:
+        out = []
+        for target, parts in self._parts.items():
+            group = Arrays.LOGITS if target == "logits" else Arrays.FEATURES
+            for name in parts:
+                out.append((target, name, self._arrays[f"{group}/{name}"]))
+        return out
+
+    def read_parts(self, i: int) -> dict[str, dict[str, np.ndarray]]:
+        """The encoded parts of entry ``i``: all parts are fetched concurrently, one chunk each."""
+        from zarr.core.sync import sync
+
+        if not 0 <= i < self.num_entries:
+            raise IndexError(f"entry {i} out of range (the cache has {self.num_entries})")
+        if not self.done[i]:
+            raise IncompleteCacheError(f"entry {i} of {self.url} was never written (its build did not finish)")
+        arrays = self._part_arrays()
+
+        async def fetch():
+            return await asyncio.gather(*(a.async_array.getitem((i,)) for _, _, a in arrays))
+
+        try:
+            with storage_errors(self.url):
+                values = sync(fetch())
+        except CacheError:
+            raise
+        except Exception as exc:
+            raise CorruptEntryError(
+                f"entry {i} ({self.image_ids[self.entry_image[i]]}) of {self.url} cannot be read: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} — run `skdcache verify`"
+            ) from exc
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for (target, name, _), v in zip(arrays, values, strict=True):
+            out.setdefault(target, {})[name] = np.asarray(v)
+        return out
+
+    def decode(self, i: int, parts: dict[str, dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decoded (logits, feature) of entry ``i`` cropped to its valid grid / cells."""
+        h, w = (int(v) for v in self.entry_grid[i])
+        logits = self.logit_codec.decode(parts["logits"])[:, :h, :w]
+        feature = None
+        if self.feature_codec is not None:
+            bh, bw = self.schema.features.block  # type: ignore[union-attr]
+            feature = self.feature_codec.decode(parts["features"])[:, : -(-h // bh), : -(-w // bw)]
+        return np.ascontiguousarray(logits), None if feature is None else np.ascontiguousarray(feature)
+
+    def read_entry(self, i: int, *, check: bool = False) -> CacheEntry:
+        """Read and decode entry ``i``; with ``check`` also compare its checksum."""
+        parts = self.read_parts(i)
+        if check:
+            want = int(self._arrays[Arrays.ENTRY_CHECKSUM][i])
+            if entry_checksum(parts) != want:
+                raise CorruptEntryError(
+                    f"entry {i} ({self.image_ids[self.entry_image[i]]}) of {self.url} does not match its checksum"
+                )
+        logits, feature = self.decode(i, parts)
+        img = int(self.entry_image[i])
+        return CacheEntry(
+            index=i,
+            image_index=img,
+            image_id=self.image_ids[img],
+            view=self.view(i),
+            grid=(int(self.entry_grid[i, 0]), int(self.entry_grid[i, 1])),
+            logits=logits,
+            feature=feature,
+        )
+
+    def array(self, path: str) -> Any:
+        return self._arrays[path]
+
+
+def open_cache(
+    url: str | os.PathLike,
+    *,
+    storage_options: dict | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_incomplete: bool = False,
+) -> CacheReader:
+    """Open a cache for reading.
+
+    Args:
+        url: local path or fsspec URL.
+        storage_options: fsspec options for remote URLs.
+        cache_dir: local read-through cache directory for remote stores.
+        allow_incomplete: open a store whose build has not finished (verify, info).
+
+    Raises:
+        CacheNotFoundError, NotACacheError, FormatVersionError, SchemaError, UnsafeCacheError,
+        IncompleteCacheError.
+    """
+    url = str(url)
+    group = _open_group(url, storage_options, None if cache_dir is None else str(cache_dir))
+    schema = _read_schema(group, url)
+    with storage_errors(url):
+        arrays = _validate_group(group, schema)
+    if schema.status != "complete" and not allow_incomplete:
+        raise IncompleteCacheError(
+            f"the cache at {url} is incomplete (its build has not finished): re-run the same "
+            "`skdcache build` command to resume it"
+        )
+    return CacheReader(url, group, schema, arrays)
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+
+
+class CacheWriter:
+    """Writes the shards of one store. Obtain one with :func:`prepare_cache`."""
+
+    def __init__(self, url: str, group: Any, schema: CacheSchema, storage_options: dict | None):
+        self.url = url
+        self.group = group
+        self.schema = schema
+        self.storage_options = storage_options
+        self._arrays = {p: group[p] for p in list(_static_arrays(schema)) + list(_data_arrays(schema))}
+
+    def done(self) -> np.ndarray:
+        with storage_errors(self.url):
+            return self._arrays[Arrays.ENTRY_DONE][...].astype(bool)
+
+    def pending_shards(self) -> list[int]:
+        done = self.done()
+        out = []
+        for s in range(self.schema.num_shards):
+            a, b = self.schema.shard_range(s)
+            if not done[a:b].all():
+                out.append(s)
+        return out
+
+    def write_shard(
+        self,
+        shard: int,
+        *,
+        logits: dict[str, np.ndarray],
+        features: dict[str, np.ndarray] | None,
+        image_sha256: np.ndarray,
+        checksums: np.ndarray,
+        fidelity: np.ndarray,
+        clipped: np.ndarray,
+    ) -> int:
+        """Write one whole shard; returns the bytes of encoded values written (before compression)."""
+        a, b = self.schema.shard_range(shard)
+        n = b - a
+        k = self.schema.entries_per_image
+        nbytes = 0
+        with storage_errors(self.url, writing=True):
+            for target, parts in (("logits", logits), ("features", features)):
+                if parts is None:
+                    continue
+                group = Arrays.LOGITS if target == "logits" else Arrays.FEATURES
+                for name, value in parts.items():
+                    if value.shape[0] != n:
+                        raise ValueError(f"shard {shard}: {target}/{name} has {value.shape[0]} entries, expected {n}")
+                    self._arrays[f"{group}/{name}"][a:b] = value
+                    nbytes += value.nbytes
+            self._arrays[Arrays.IMAGE_SHA256][a // k : b // k] = image_sha256
+            self._arrays[Arrays.ENTRY_CHECKSUM][a:b] = checksums.astype(np.uint64)
+            self._arrays[Arrays.ENTRY_FIDELITY][a:b] = fidelity.astype(np.float32)
+            self._arrays[Arrays.ENTRY_CLIPPED][a:b] = clipped.astype(np.uint32)
+            # last: the done markers, so a marker never exists without its data
+            self._arrays[Arrays.ENTRY_DONE][a:b] = np.ones(n, dtype=np.uint8)
+        return nbytes
+
+    def finalize(self, build: dict | None = None) -> CacheSchema:
+        """Mark the store complete: fidelity summary, build info, consolidated metadata."""
+        import zarr
+
+        with storage_errors(self.url, writing=True):
+            done = self.done()
+            if not done.all():
+                raise IncompleteCacheError(f"cannot finalise {self.url}: {int((~done).sum())} entries are not written")
+            fid = summarize(self._arrays[Arrays.ENTRY_FIDELITY][...])
+            clipped = int(self._arrays[Arrays.ENTRY_CLIPPED][...].sum(dtype=np.int64))
+            info = dict(self.schema.build)
+            info.update(build or {})
+            info["clipped_values"] = clipped
+            self.schema = self.schema.with_status(status="complete", fidelity=fid, build=info, completed=_now())
+            self.group.attrs[ROOT_ATTR] = self.schema.to_dict()
+            with warnings.catch_warnings():
+                # consolidated metadata is not in the v3 spec yet; we use it knowingly (one request
+                # per open on object storage) and plain zarr reads the store either way
+                warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+                zarr.consolidate_metadata(self.group.store)
+        return self.schema
+
+
+def _known_paths(schema: CacheSchema) -> set[str]:
+    paths = set(_static_arrays(schema)) | set(_data_arrays(schema))
+    return paths | {p.rsplit("/", 1)[0] for p in paths}
+
+
+def _create_store(
+    url: str,
+    schema: CacheSchema,
+    *,
+    image_ids: list[str],
+    image_sizes: np.ndarray,
+    views: list[View],
+    grids: np.ndarray,
+    pca: tuple[np.ndarray, np.ndarray] | None,
+    storage_options: dict | None,
+) -> Any:
+    import zarr
+
+    store = open_store(url, read_only=False, storage_options=storage_options)
+    with storage_errors(url, writing=True):
+        group = zarr.open_group(store, mode="w", zarr_format=3)
+        for path, (shape, dtype, chunks) in _static_arrays(schema).items():
+            group.create_array(
+                path,
+                shape=shape,
+                dtype=dtype,
+                chunks=chunks,
+                compressors=_compressors(Compressor("zstd", 3), dtype),
+                fill_value=0,
+            )
+        s = schema.shard_entries
+        for path, part in _data_arrays(schema).items():
+            group.create_array(
+                path,
+                shape=(schema.num_entries, *part.shape),
+                dtype=part.dtype,
+                chunks=(1, *part.shape),
+                shards=(s, *part.shape),
+                compressors=_compressors(_compressor_for(schema, path), part.dtype),
+                fill_value=0,
+                config={"write_empty_chunks": True},
+            )
+        group[Arrays.IMAGE_ID][...] = _encode_ids(image_ids, schema.id_bytes)
+        group[Arrays.IMAGE_SIZE][...] = np.asarray(image_sizes, dtype=np.int32)
+        group[Arrays.ENTRY_IMAGE][...] = np.array([v.image for v in views], dtype=np.int32)
+        group[Arrays.ENTRY_SCALE][...] = np.array([v.scale for v in views], dtype=np.float32)
+        group[Arrays.ENTRY_RESIZED][...] = np.array([v.resized for v in views], dtype=np.int32)
+        group[Arrays.ENTRY_BOX][...] = np.array([v.box for v in views], dtype=np.int32)
+        group[Arrays.ENTRY_FLIP][...] = np.array([v.flip for v in views], dtype=np.uint8)
+        group[Arrays.ENTRY_GRID][...] = np.asarray(grids, dtype=np.int32)
+        group[Arrays.ENTRY_FIDELITY][...] = np.full(
+            (schema.num_entries, len(FIDELITY_COLUMNS)), np.nan, dtype=np.float32
+        )
+        if pca is not None:
+            group[Arrays.PCA_BASIS][...] = pca[0]
+            group[Arrays.PCA_MEAN][...] = pca[1]
+        # the schema attribute is written last: a store without it is an unfinished creation
+        group.attrs[ROOT_ATTR] = schema.to_dict()
+    return group
+
+
+def _is_empty_location(url: str, storage_options: dict | None) -> bool:
+    if not is_remote(url):
+        p = local_path(url)
+        return not p.exists() or (p.is_dir() and not any(p.iterdir()))
+    return not url_exists(url, storage_options)
+
+
+def prepare_cache(
+    url: str | os.PathLike,
+    schema: CacheSchema,
+    *,
+    image_ids: list[str],
+    image_sizes: np.ndarray,
+    views: list[View],
+    grids: np.ndarray,
+    pca: tuple[np.ndarray, np.ndarray] | None = None,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+) -> tuple[CacheWriter, bool]:
+    """Create a store, or reopen an unfinished one built with the same configuration.
+
+    Returns:
+        (writer, resumed). ``resumed`` is True when an existing store is continued.
+
+    Raises:
+        ConfigMismatchError: a store exists with another configuration and ``overwrite`` is False.
+        NotACacheError: something that is not an skd cache exists at ``url`` (never deleted).
+    """
+    url = str(url)
+    if len(image_ids) != schema.num_images or len(views) != schema.num_entries:
+        raise ValueError("image ids / views do not match the schema")
+    if not _is_empty_location(url, storage_options):
+        existing_group = None
+        try:
+            existing_group = _open_group(url, storage_options, read_only=False)
+        except NotACacheError:
+            pass
+        if existing_group is None:
+            raise NotACacheError(
+                f"{url} exists and is not an skd cache; refusing to write there (choose another --out)"
+            )
+        attrs = existing_group.attrs.asdict()
+        if ROOT_ATTR not in attrs:
+            members = {p for p, _ in existing_group.members(max_depth=None)}
+            if members - _known_paths(schema):
+                raise NotACacheError(
+                    f"{url} is a zarr group that is not an skd cache; refusing to write there (choose another --out)"
+                )
+            logger.info("%s: an earlier creation did not finish; creating the store again", url)
+        else:
+            try:
+                old = CacheSchema.from_dict(attrs[ROOT_ATTR])
+            except CacheError as exc:
+                if not overwrite:
+                    raise ConfigMismatchError(
+                        f"{url} holds a cache this version cannot resume ({exc}); pass --overwrite to replace it"
+                    ) from None
+                old = None
+            if old is not None and old.content_key() == schema.content_key():
+                with storage_errors(url):
+                    _validate_group(existing_group, old)
+                return CacheWriter(url, existing_group, old, storage_options), True
+            if not overwrite:
+                diff = _first_difference(old.content_key() if old else {}, schema.content_key())
+                raise ConfigMismatchError(
+                    f"{url} already holds a cache built with a different configuration ({diff}); "
+                    "pass --overwrite to replace it, or choose another --out"
+                )
+        remove_store(url, storage_options)
+    schema = schema.with_status(status="building", created=_now(), tool_version=__version__)
+    group = _create_store(
+        url,
+        schema,
+        image_ids=image_ids,
+        image_sizes=image_sizes,
+        views=views,
+        grids=grids,
+        pca=pca,
+        storage_options=storage_options,
+    )
+    return CacheWriter(url, group, schema, storage_options), False
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        return "no difference"
+    return f"{path}: {a!r} there vs {b!r} now"

@@ -1,0 +1,627 @@
+"""Stage one: run a teacher once over a dataset and write a cache.
+
+The build is a three-stage pipeline:
+
+1. DataLoader workers read and hash image files, decode them, check labels and cut views;
+2. the main process runs the teacher (CUDA with autocast when present, CPU otherwise) and pools
+   the distillation feature into the stored cells;
+3. a small thread pool behind a bounded queue encodes, checksums and measures each entry and
+   writes each shard whole as soon as its last entry is encoded, so writing overlaps compute.
+
+Resumable: shards whose done markers are all set are skipped; re-running the same command after
+a crash continues, and any other configuration on an existing store needs ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cache_tools.codecs import FeatureCodec, LogitCodec, fit_pca, parse_feature_codec
+from cache_tools.datasets import SegDataset, open_dataset
+from cache_tools.errors import ConfigError, DatasetError
+from cache_tools.fidelity import compose_nodes, entry_fidelity, official_kernel
+from cache_tools.schema import (
+    FIDELITY_COLUMNS,
+    CacheSchema,
+    Compressor,
+    DatasetStamp,
+    DenseParams,
+    TargetLayout,
+    TeacherStamp,
+    View,
+    ViewsParams,
+    ids_digest,
+)
+from cache_tools.store import CacheWriter, entry_checksum, prepare_cache
+
+from .inference import output_grid, pick_device, pool_cells, run_teacher, slide_teacher
+from .teachers import Teacher, create_teacher
+from .views import OFFICIAL_SCALES, apply_view, sample_views
+
+__all__ = ["BuildConfig", "BuildProgress", "BuildResult", "build_cache", "plan_build"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildConfig:
+    """Everything ``skdcache build`` needs. CLI flags map one-to-one onto these fields."""
+
+    teacher: str
+    data: str
+    out: str
+    weights: str | None = None
+    random_weights: bool = False
+    seed: int = 0
+    weights_format: str = "auto"
+    splits: tuple[str, ...] = ("train",)
+    mode: str = "dense"
+    # views mode
+    views: int = 4
+    crop: tuple[int, int] = (512, 512)
+    view_seed: int = 0
+    scales: tuple[float, ...] = OFFICIAL_SCALES
+    flip: bool = True
+    # dense mode
+    dense_flip: bool = False
+    inference: str = "whole"
+    tile: tuple[int, int] | None = None
+    overlap: float = 1.0 / 3.0
+    # what is stored and how
+    logits_codec: str = "gap-u8"
+    logits_clip: float | None = None
+    features: bool = True
+    features_codec: str = "fp16"
+    features_pool: str = "max"
+    features_block: tuple[int, int] | None = None
+    compressor: str = "zstd:3"
+    shard_images: int | None = None
+    # execution
+    batch_size: int = 8
+    loader_workers: int = 2
+    writer_threads: int = 2
+    queue_size: int = 8
+    device: str = "auto"
+    amp: bool = True
+    fidelity_samples: int = 64
+    pca_samples: int = 16
+    skip_unreadable: bool = False
+    overwrite: bool = False
+    storage_options: dict = field(default_factory=dict)
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("dense", "views"):
+            raise ConfigError(f"--mode must be dense or views, got {self.mode!r}")
+        if self.inference not in ("whole", "slide"):
+            raise ConfigError(f"--inference must be whole or slide, got {self.inference!r}")
+        if self.inference == "slide" and self.tile is None:
+            raise ConfigError("--inference slide needs --tile HxW")
+        if self.features_pool not in ("max", "avg"):
+            raise ConfigError(f"--features-pool must be max or avg, got {self.features_pool!r}")
+        if self.views < 1:
+            raise ConfigError("--views must be at least 1")
+        if not 0 <= self.overlap < 1:
+            raise ConfigError("--overlap must be in [0, 1)")
+        if self.batch_size < 1 or self.loader_workers < 0 or self.writer_threads < 1:
+            raise ConfigError("--batch-size and --writer-threads must be at least 1, --loader-workers at least 0")
+        if self.weights and self.random_weights:
+            raise ConfigError("give either --weights or --random-weights, not both")
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ConfigError("--scales must be positive numbers")
+        LogitCodec(self.logits_codec, clip=self.logits_clip)  # validates the name
+        parse_feature_codec(self.features_codec)
+        Compressor.parse(self.compressor)
+
+    @property
+    def entries_per_image(self) -> int:
+        return self.views if self.mode == "views" else (2 if self.dense_flip else 1)
+
+
+@dataclass
+class BuildProgress:
+    """Passed to the progress callback after each written shard and every teacher batch."""
+
+    entries_done: int
+    entries_total: int
+    bytes_written: int
+    seconds: float
+    stage: str = "build"
+
+
+@dataclass
+class BuildResult:
+    url: str
+    schema: CacheSchema
+    resumed: bool
+    entries_written: int
+    seconds: float
+    teacher_seconds: float
+    bytes_encoded: int
+    skipped_images: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# planning: everything that can fail on bad input happens here, before the store is touched
+
+
+@dataclass
+class BuildPlan:
+    config: BuildConfig
+    dataset: SegDataset
+    records: list[int]  # dataset record indices in store order
+    ids: list[str]
+    sizes: np.ndarray  # (I, 2)
+    teacher: Teacher
+    device: torch.device
+    views: list[View]
+    grids: np.ndarray  # (E, 2)
+    schema: CacheSchema
+    skipped: list[str]
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from None
+    return h, w
+
+
+def _readable(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:
+        return False
+
+
+def _default_shard_images(entry_bytes: int, per_image: int, num_images: int) -> int:
+    target = 32 * 2**20  # ~32 MB of encoded values per shard object
+    n = max(1, min(256, target // max(1, entry_bytes * per_image)))
+    return min(n, num_images)
+
+
+def plan_build(config: BuildConfig) -> BuildPlan:
+    """Validate the inputs and work out the store layout. Touches nothing on the destination."""
+    dataset = open_dataset(config.data, splits=config.splits)
+    records = list(range(len(dataset)))
+    skipped: list[str] = []
+    if config.skip_unreadable:
+        keep = []
+        for i in records:
+            rec = dataset.records[i]
+            if _readable(rec.image_path):
+                keep.append(i)
+            else:
+                skipped.append(rec.id)
+                logger.warning("skipping unreadable image %s (%s)", rec.id, rec.image_path)
+        records = keep
+        if not records:
+            raise DatasetError(f"no readable images under {config.data}")
+    ids = [dataset.records[i].id for i in records]
+    sizes = np.array([_image_size(dataset.records[i].image_path) for i in records], dtype=np.int64)
+
+    device = pick_device(config.device)
+    teacher = create_teacher(
+        config.teacher,
+        num_classes=dataset.num_classes,
+        weights=config.weights,
+        random_weights=config.random_weights,
+        seed=config.seed,
+        weights_format=config.weights_format,
+        device=str(device),
+    )
+    info = teacher.info
+
+    k = config.entries_per_image
+    if config.mode == "views":
+        crop = config.crop
+        views = sample_views(config.view_seed, [tuple(s) for s in sizes], k, crop, config.scales, config.flip)
+        grid = output_grid(teacher.model, *crop)
+        grids = np.tile(np.array(grid, dtype=np.int64), (len(views), 1))
+        canvas = grid
+    else:
+        if config.inference == "slide":
+            assert config.tile is not None
+        views = []
+        for i, (h, w) in enumerate(sizes):
+            views.append(View.identity(i, (int(h), int(w))))
+            if config.dense_flip:
+                views.append(View.identity(i, (int(h), int(w)), flip=True))
+        grid_of = {}
+        for h, w in {(int(h), int(w)) for h, w in sizes}:
+            grid_of[(h, w)] = output_grid(teacher.model, h, w)
+        grids = np.array([grid_of[(int(sizes[v.image][0]), int(sizes[v.image][1]))] for v in views], dtype=np.int64)
+        canvas = (int(grids[:, 0].max()), int(grids[:, 1].max()))
+
+    logit_codec = LogitCodec(config.logits_codec, clip=config.logits_clip)
+    comp = Compressor.parse(config.compressor)
+    logits_layout = TargetLayout(
+        codec=logit_codec.name, channels=dataset.num_classes, grid=canvas, compressor=comp, params=logit_codec.params
+    )
+    features_layout = None
+    if config.features:
+        fname, k_pca = parse_feature_codec(config.features_codec)
+        if config.features_block is not None:
+            block = config.features_block
+        elif config.mode == "views":
+            block = official_kernel(*canvas)
+        else:
+            block = (8, 8)
+        if k_pca is not None and k_pca > info.feature_channels:
+            raise ConfigError(
+                f"--features-codec pca{k_pca} keeps more channels than the teacher has ({info.feature_channels})"
+            )
+        features_layout = TargetLayout(
+            codec=fname,
+            channels=info.feature_channels,
+            grid=canvas,
+            compressor=comp,
+            pool=config.features_pool,
+            block=tuple(block),  # type: ignore[arg-type]
+            stored_channels=k_pca,
+            params={"components": k_pca} if k_pca else {},
+        )
+
+    entry_bytes = canvas[0] * canvas[1] * (dataset.num_classes + 2)
+    if features_layout is not None:
+        hp, wp = features_layout.cells
+        entry_bytes += hp * wp * features_layout.depth * 2
+    shard_images = config.shard_images or _default_shard_images(entry_bytes, k, len(records))
+    if shard_images < 1:
+        raise ConfigError("--shard-size must be at least 1 image")
+    id_bytes = max(16, max(len(s.encode()) for s in ids))
+
+    schema = CacheSchema(
+        mode=config.mode,
+        teacher=TeacherStamp.from_dict(info.to_dict()),
+        dataset=DatasetStamp(
+            name=dataset.name,
+            splits=tuple(config.splits),
+            num_images=len(ids),
+            ids_sha256=ids_digest(ids),
+            class_names=tuple(dataset.class_names),
+            ignore_index=dataset.ignore_index,
+        ),
+        num_entries=len(views),
+        entries_per_image=k,
+        shard_entries=shard_images * k,
+        id_bytes=id_bytes,
+        logits=logits_layout,
+        features=features_layout,
+        views=(
+            ViewsParams(per_image=k, seed=config.view_seed, crop=config.crop, scales=config.scales, flip=config.flip)
+            if config.mode == "views"
+            else None
+        ),
+        dense=(
+            DenseParams(flip=config.dense_flip, inference=config.inference, tile=config.tile, overlap=config.overlap)
+            if config.mode == "dense"
+            else None
+        ),
+    )
+    return BuildPlan(config, dataset, records, ids, sizes, teacher, device, views, grids, schema, skipped)
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 1: reading images (DataLoader workers)
+
+
+class _ImageSource(Dataset):
+    """Yields, per image, the inputs of all its entries: (image index, sha256, crops (k, 3, h, w))."""
+
+    def __init__(self, dataset: SegDataset, records: list[int], views: list[View], per_image: int, images: list[int]):
+        self.dataset = dataset
+        self.records = records
+        self.views = views
+        self.per_image = per_image
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, n: int):
+        img = self.images[n]
+        image, _label, sha = self.dataset.load(self.records[img])  # load() checks the label too
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (3, H, W) uint8
+        entries = self.views[img * self.per_image : (img + 1) * self.per_image]
+        if entries[0].box[2:] == tuple(x.shape[1:]) and entries[0].scale == 1.0:  # dense: whole image
+            crops = torch.stack([x.flip(-1) if v.flip else x for v in entries]).float()
+        else:
+            crops = torch.stack([apply_view(x, None, v)[0] for v in entries])
+        return img, bytes.fromhex(sha), crops
+
+
+def _collate(batch):
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 3: encoding and writing (thread pool)
+
+
+class _ShardWriter:
+    """Encodes entries, buffers them per shard and writes each shard whole when it is complete."""
+
+    def __init__(self, writer: CacheWriter, schema: CacheSchema, logit_codec: LogitCodec, feature_codec, sample_every):
+        self.writer = writer
+        self.schema = schema
+        self.logit_codec = logit_codec
+        self.feature_codec = feature_codec
+        self.sample_every = sample_every
+        self.lock = threading.Lock()
+        self.buffers: dict[int, dict] = {}
+        self.bytes_written = 0
+        self.entries_written = 0
+        self.error: BaseException | None = None
+
+    def _encode(self, e: int, logits: np.ndarray, cells: np.ndarray | None, grid: tuple[int, int]):
+        lp, clipped = self.logit_codec.encode(logits)
+        parts = {"logits": lp}
+        if cells is not None:
+            fp, fc = self.feature_codec.encode(cells)
+            parts["features"] = fp
+            clipped += fc
+        row = np.full(len(FIDELITY_COLUMNS), np.nan, dtype=np.float32)
+        if e % self.sample_every == 0:
+            h, w = grid
+            dec = self.logit_codec.decode(lp)[:, :h, :w]
+            ref_nodes = dec_nodes = None
+            if cells is not None:
+                layout = self.schema.features
+                kernel = official_kernel(h, w)
+                valid = cells[:, : -(-h // layout.block[0]), : -(-w // layout.block[1])]
+                dec_cells = self.feature_codec.decode(parts["features"])[:, : valid.shape[1], : valid.shape[2]]
+                ref_nodes = compose_nodes(valid, layout.block, (h, w), kernel, layout.pool)
+                dec_nodes = compose_nodes(dec_cells, layout.block, (h, w), kernel, layout.pool)
+            row = entry_fidelity(logits[:, :h, :w], dec, ref_nodes, dec_nodes)
+        return parts, entry_checksum(parts), row, clipped
+
+    def add(self, img: int, sha: bytes, entries: list[int], logits: np.ndarray, cells, grids) -> None:
+        encoded = [
+            self._encode(e, logits[j], None if cells is None else cells[j], grids[j]) for j, e in enumerate(entries)
+        ]
+        k = self.schema.entries_per_image
+        shard = entries[0] // self.schema.shard_entries
+        a, b = self.schema.shard_range(shard)
+        with self.lock:
+            buf = self.buffers.setdefault(shard, {"entries": {}, "sha": {}})
+            for e, enc in zip(entries, encoded, strict=True):
+                buf["entries"][e] = enc
+            buf["sha"][img] = sha
+            complete = len(buf["entries"]) == b - a
+            if complete:
+                del self.buffers[shard]
+        if complete:
+            self._write(shard, a, b, k, buf)
+
+    def _write(self, shard: int, a: int, b: int, k: int, buf: dict) -> None:
+        rows = [buf["entries"][e] for e in range(a, b)]
+        logits = {name: np.stack([r[0]["logits"][name] for r in rows]) for name in rows[0][0]["logits"]}
+        features = None
+        if "features" in rows[0][0]:
+            features = {name: np.stack([r[0]["features"][name] for r in rows]) for name in rows[0][0]["features"]}
+        sha = np.stack([np.frombuffer(buf["sha"][i], dtype=np.uint8) for i in range(a // k, b // k)])
+        n = self.writer.write_shard(
+            shard,
+            logits=logits,
+            features=features,
+            image_sha256=sha,
+            checksums=np.array([r[1] for r in rows], dtype=np.uint64),
+            fidelity=np.stack([r[2] for r in rows]),
+            clipped=np.array([r[3] for r in rows], dtype=np.uint32),
+        )
+        with self.lock:
+            self.bytes_written += n
+            self.entries_written += b - a
+
+
+def _feature_codec_for(plan: BuildPlan, writer: CacheWriter) -> FeatureCodec | None:
+    layout = writer.schema.features
+    if layout is None:
+        return None
+    if layout.codec == "pca":
+        from cache_tools.schema import Arrays
+
+        basis = writer.group[Arrays.PCA_BASIS][...]
+        mean = writer.group[Arrays.PCA_MEAN][...]
+        return FeatureCodec("pca", basis=basis, mean=mean)
+    return FeatureCodec(layout.codec)
+
+
+def _teacher_outputs(plan: BuildPlan, crops: torch.Tensor, img: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = plan.config
+    model, device = plan.teacher.model, plan.device
+    if cfg.mode == "dense" and cfg.inference == "slide":
+        outs = [
+            slide_teacher(
+                model, c[None], tuple(plan.grids[img * cfg.entries_per_image]), cfg.tile, cfg.overlap, device, cfg.amp
+            )
+            for c in crops
+        ]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    return run_teacher(model, crops, device, cfg.amp)
+
+
+def _fit_pca(plan: BuildPlan, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """PCA basis of the stored (pooled) feature vectors, fitted on the first few images."""
+    cfg = plan.config
+    layout = plan.schema.features
+    assert layout is not None
+    source = _ImageSource(plan.dataset, plan.records, plan.views, cfg.entries_per_image, list(range(len(plan.ids))))
+    vectors = []
+    for n in range(min(cfg.pca_samples, len(source))):
+        img, _sha, crops = source[n]
+        _, feat = _teacher_outputs(plan, crops, img)
+        cells = pool_cells(feat, layout.block, layout.pool)
+        vectors.append(cells.permute(0, 2, 3, 1).reshape(-1, cells.shape[1]).cpu().numpy())
+    basis, mean, kept = fit_pca(np.concatenate(vectors), k)
+    logger.info("PCA to %d of %d channels keeps %.2f%% of the variance", k, layout.channels, 100 * kept)
+    return basis, mean
+
+
+def build_cache(config: BuildConfig, progress: Callable[[BuildProgress], None] | None = None) -> BuildResult:
+    """Run the teacher over the dataset and write (or resume) the cache at ``config.out``."""
+    t0 = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    plan = plan_build(config)
+    schema = plan.schema
+    pca = None
+    if schema.features is not None and schema.features.codec == "pca":
+        pca = _fit_pca(plan, schema.features.depth)
+    writer, resumed = prepare_cache(
+        config.out,
+        schema,
+        image_ids=plan.ids,
+        image_sizes=plan.sizes,
+        views=plan.views,
+        grids=plan.grids,
+        pca=pca,
+        overwrite=config.overwrite,
+        storage_options=config.storage_options or None,
+    )
+    schema = writer.schema
+    k = schema.entries_per_image
+    pending = writer.pending_shards()
+    images = [i for s in pending for i in range(schema.shard_range(s)[0] // k, schema.shard_range(s)[1] // k)]
+    total = schema.num_entries
+    already = total - len(images) * k
+    logit_codec = LogitCodec.from_params(schema.logits.codec, schema.logits.params)
+    feature_codec = _feature_codec_for(plan, writer)
+    sample_every = max(1, total // max(1, config.fidelity_samples))
+    sink = _ShardWriter(writer, schema, logit_codec, feature_codec, sample_every)
+
+    teacher_seconds = 0.0
+    if images:
+        teacher_seconds = _run_pipeline(plan, schema, images, sink, already, total, t0, progress)
+    info = {
+        "device": str(plan.device),
+        "amp": bool(config.amp and plan.device.type == "cuda"),
+        "batch_size": config.batch_size,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "teacher_seconds": round(teacher_seconds, 3),
+    }
+    if plan.skipped:
+        info["skipped_images"] = len(plan.skipped)
+    final = writer.finalize(info)
+    return BuildResult(
+        url=config.out,
+        schema=final,
+        resumed=resumed,
+        entries_written=sink.entries_written,
+        seconds=time.perf_counter() - t0,
+        teacher_seconds=teacher_seconds,
+        bytes_encoded=sink.bytes_written,
+        skipped_images=plan.skipped,
+    )
+
+
+def _run_pipeline(
+    plan: BuildPlan,
+    schema: CacheSchema,
+    images: list[int],
+    sink: _ShardWriter,
+    already: int,
+    total: int,
+    t0: float,
+    progress: Callable[[BuildProgress], None] | None,
+) -> float:
+    cfg = plan.config
+    k = schema.entries_per_image
+    layout = schema.features
+    source = _ImageSource(plan.dataset, plan.records, plan.views, k, images)
+    images_per_batch = max(1, cfg.batch_size // k) if cfg.mode == "views" else 1
+    loader = DataLoader(
+        source,
+        batch_size=images_per_batch,
+        shuffle=False,
+        num_workers=cfg.loader_workers,
+        collate_fn=_collate,
+        pin_memory=plan.device.type == "cuda",
+        multiprocessing_context="forkserver" if cfg.loader_workers > 0 else None,
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.loader_workers > 0 else None,
+    )
+    jobs: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
+
+    def work() -> None:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            if sink.error is not None:
+                continue
+            try:
+                sink.add(*job)
+            except BaseException as exc:
+                sink.error = exc
+
+    threads = [threading.Thread(target=work, daemon=True, name=f"skd-writer-{i}") for i in range(cfg.writer_threads)]
+    for t in threads:
+        t.start()
+    teacher_seconds = 0.0
+    done = 0
+    try:
+        for batch in loader:
+            if sink.error is not None:
+                break
+            crops = torch.cat([c for _, _, c in batch])
+            tt = time.perf_counter()
+            if cfg.mode == "dense" and len(batch) == 1 and cfg.inference == "whole":
+                logits, feature = run_teacher(plan.teacher.model, crops, plan.device, cfg.amp)
+            else:
+                logits, feature = _teacher_outputs(plan, crops, batch[0][0])
+            cells = pool_cells(feature, layout.block, layout.pool) if layout is not None else None
+            logits_np = logits.cpu().numpy()
+            cells_np = None if cells is None else cells.cpu().numpy()
+            teacher_seconds += time.perf_counter() - tt
+            for j, (img, sha, _) in enumerate(batch):
+                sl = slice(j * k, (j + 1) * k)
+                entries = list(range(img * k, (img + 1) * k))
+                grids = [tuple(plan.grids[e]) for e in entries]
+                z = _pad_to(logits_np[sl], schema.logits.grid)
+                f = None if cells_np is None else _pad_to(cells_np[sl], layout.cells)
+                jobs.put((img, sha, entries, z, f, grids))
+            done += len(batch) * k
+            if progress is not None:
+                progress(
+                    BuildProgress(already + done, total, sink.bytes_written, time.perf_counter() - t0, stage="teacher")
+                )
+    finally:
+        for _ in threads:
+            jobs.put(None)
+        for t in threads:
+            t.join()
+    if sink.error is not None:
+        raise sink.error
+    if progress is not None:
+        progress(BuildProgress(total, total, sink.bytes_written, time.perf_counter() - t0, stage="written"))
+    return teacher_seconds
+
+
+def _pad_to(x: np.ndarray, hw: Sequence[int]) -> np.ndarray:
+    """Zero-pad (N, C, h, w) maps to the store's canvas (entries/grid records the valid part)."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(hw):
+        return x
+    out = np.zeros((*x.shape[:-2], hw[0], hw[1]), dtype=x.dtype)
+    out[..., :h, :w] = x
+    return out

@@ -1,0 +1,257 @@
+"""``skdcache``: build a teacher cache, and inspect, verify, preview and share caches.
+
+Commands are thin: each turns its options into a config and calls one library function.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cache_tools.cli import register_commands as register_cache_commands
+from cache_tools.clikit import (
+    console,
+    err_console,
+    parse_storage_options,
+    print_json,
+    progress_bar,
+    run_app,
+    setup_logging,
+)
+from cache_tools.schema import parse_hw
+
+app = typer.Typer(
+    name="skdcache",
+    help="Run a segmentation teacher once and share its targets as a Zarr v3 cache.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    setup_logging(verbose)
+
+
+@app.command("sample-data")
+def sample_data(
+    out: Annotated[Path, typer.Argument(help="Directory to write (Cityscapes layout).")],
+    num_images: Annotated[int, typer.Option("--num-images", "-n", help="Training images.")] = 200,
+    num_val: Annotated[int | None, typer.Option(help="Validation images (default: a quarter of --num-images).")] = None,
+    size: Annotated[str, typer.Option(help="Image size HxW.")] = "256x512",
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+) -> None:
+    """Write the built-in sample dataset: procedural street scenes in the Cityscapes layout."""
+    from cache_tools.datasets import write_sample_dataset
+
+    n_val = num_val if num_val is not None else max(1, num_images // 4)
+    summary = write_sample_dataset(out, num_train=num_images, num_val=n_val, size=parse_hw(size, "--size"), seed=seed)
+    console.print(f"wrote {summary['splits']} images of {size} to [bold]{out}[/] (seed {seed})")
+
+
+@app.command("teachers")
+def teachers(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the registered teachers (any registered model can be a teacher)."""
+    from rich.table import Table
+
+    from .teachers import list_teachers
+
+    entries = list_teachers()
+    if json_out:
+        print_json([{"name": e.name, "description": e.description, "roles": list(e.roles)} for e in entries])
+        return
+    table = Table(title="teachers", show_lines=False)
+    table.add_column("name", style="bold")
+    table.add_column("roles")
+    table.add_column("description")
+    for e in entries:
+        table.add_row(e.name, ", ".join(e.roles), e.description)
+    console.print(table)
+    console.print("Custom teachers: --teacher package.module:factory")
+
+
+@app.command("build")
+def build(
+    teacher: Annotated[str, typer.Option(help="Registered teacher name, or package.module:factory.")],
+    data: Annotated[Path, typer.Option(help="Dataset root (Cityscapes or folder layout).")],
+    out: Annotated[str, typer.Option(help="Store URL: a path or any fsspec URL (s3://bucket/x.zarr).")],
+    weights: Annotated[Path | None, typer.Option(help="Teacher checkpoint (.safetensors or .pth/.pt).")] = None,
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="Use seeded random weights (smoke tests only).")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of --random-weights.")] = 0,
+    weights_format: Annotated[str, typer.Option(help="auto | skd | official (InPlace-ABN checkpoints).")] = "auto",
+    split: Annotated[str, typer.Option(help="Split(s), comma separated.")] = "train",
+    mode: Annotated[
+        str, typer.Option(help="dense: one pass per image | views: K augmented views per image.")
+    ] = "dense",
+    views: Annotated[int, typer.Option(help="views mode: views per image.")] = 4,
+    crop: Annotated[str, typer.Option(help="views mode: crop HxW.")] = "512x512",
+    view_seed: Annotated[int, typer.Option(help="views mode: seed of the view draw.")] = 0,
+    scales: Annotated[str | None, typer.Option(help="views mode: scales, comma separated (default 0.7..2.1).")] = None,
+    no_flip: Annotated[bool, typer.Option("--no-flip", help="views mode: never mirror views.")] = False,
+    dense_flip: Annotated[bool, typer.Option("--dense-flip", help="dense mode: also run the mirrored image.")] = False,
+    inference: Annotated[str, typer.Option(help="dense mode: whole | slide (tiled, for memory).")] = "whole",
+    tile: Annotated[str | None, typer.Option(help="slide inference tile HxW.")] = None,
+    overlap: Annotated[float, typer.Option(help="slide inference overlap.")] = 1.0 / 3.0,
+    logits_codec: Annotated[
+        str, typer.Option(help="fp32 | fp16 | int8-pixel | int8-channel | gap-u8 | gap-u16.")
+    ] = "gap-u8",
+    logits_clip: Annotated[float | None, typer.Option(help="gap codecs: largest stored gap (default 32 / 64).")] = None,
+    features_codec: Annotated[str, typer.Option(help="fp32 | fp16 | int8 | pcaK (e.g. pca64).")] = "fp16",
+    no_features: Annotated[bool, typer.Option("--no-features", help="Store logits only (no pair-wise loss).")] = False,
+    features_pool: Annotated[str, typer.Option(help="max (official) | avg (paper).")] = "max",
+    features_block: Annotated[
+        str | None, typer.Option(help="Feature pooling cell HxW on the teacher grid (1x1 = full map).")
+    ] = None,
+    compressor: Annotated[
+        str, typer.Option(help="zstd[:level] | blosc-lz4[:level] | blosc-zstd[:level] | none.")
+    ] = "zstd:3",
+    shard_size: Annotated[int | None, typer.Option(help="Images per shard (default: ~32 MB shards).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Teacher batch (views mode).")] = 8,
+    loader_workers: Annotated[int, typer.Option(help="Image-decoding processes.")] = 2,
+    writer_threads: Annotated[int, typer.Option(help="Encode/write threads.")] = 2,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    no_amp: Annotated[bool, typer.Option("--no-amp", help="Disable autocast on CUDA.")] = False,
+    fidelity_samples: Annotated[int, typer.Option(help="Entries whose codec error is measured.")] = 64,
+    skip_unreadable: Annotated[
+        bool, typer.Option("--skip-unreadable", help="Skip (and report) images that cannot be decoded.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a store built with another configuration.")
+    ] = False,
+    storage_option: Annotated[
+        list[str] | None, typer.Option("--storage-option", "-S", help="fsspec option KEY=VALUE (repeatable).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Build on a dask LocalCluster with N workers (one per GPU when GPUs exist).")
+    ] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Use an existing dask scheduler (tcp://host:port).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Run the teacher once and write a compressed, provenance-stamped cache (resumable)."""
+    from .build import BuildConfig, build_cache
+
+    config = BuildConfig(
+        teacher=teacher,
+        data=str(data),
+        out=out,
+        weights=str(weights) if weights else None,
+        random_weights=random_weights,
+        seed=seed,
+        weights_format=weights_format,
+        splits=tuple(s.strip() for s in split.split(",") if s.strip()),
+        mode=mode,
+        views=views,
+        crop=parse_hw(crop, "--crop"),
+        view_seed=view_seed,
+        scales=tuple(float(s) for s in scales.split(","))
+        if scales
+        else BuildConfig.__dataclass_fields__["scales"].default,
+        flip=not no_flip,
+        dense_flip=dense_flip,
+        inference=inference,
+        tile=parse_hw(tile, "--tile") if tile else None,
+        overlap=overlap,
+        logits_codec=logits_codec,
+        logits_clip=logits_clip,
+        features=not no_features,
+        features_codec=features_codec,
+        features_pool=features_pool,
+        features_block=parse_hw(features_block, "--features-block") if features_block else None,
+        compressor=compressor,
+        shard_images=shard_size,
+        batch_size=batch_size,
+        loader_workers=loader_workers,
+        writer_threads=writer_threads,
+        device=device,
+        amp=not no_amp,
+        fidelity_samples=fidelity_samples,
+        skip_unreadable=skip_unreadable,
+        overwrite=overwrite,
+        storage_options=parse_storage_options(storage_option),
+        threads=threads,
+    )
+    if workers is not None or scheduler is not None:
+        from .distributed import build_cache_distributed
+
+        def run(progress):
+            return build_cache_distributed(config, workers=workers, scheduler=scheduler, progress=progress)
+
+    else:
+
+        def run(progress):
+            return build_cache(config, progress=progress)
+
+    if json_out:
+        result = run(None)
+    else:
+        with progress_bar("build", total=None, unit="entries") as update:
+
+            def progress(p) -> None:
+                rate = p.entries_done / max(p.seconds, 1e-9)
+                update(
+                    p.entries_done, total=p.entries_total, rate=f"{rate:.1f}/s", extra=f"{p.bytes_written / 1e6:.1f} MB"
+                )
+
+            result = run(progress)
+    summary = _build_summary(result)
+    if json_out:
+        print_json(summary)
+        return
+    s = result.schema
+    verb = "resumed" if result.resumed else "built"
+    console.print(
+        f"{verb} [bold]{s.mode}[/] cache [bold]{result.url}[/]: {s.num_entries} entries "
+        f"({s.num_images} images), teacher {s.teacher.name}, {result.seconds:.1f} s"
+    )
+    fid = s.fidelity
+    if fid.get("sampled_entries"):
+        line = (
+            f"fidelity on {fid['sampled_entries']} entries: KL(T=1) mean {fid['kl_t1_mean']:.2e} max "
+            f"{fid['kl_t1_max']:.2e}, KL(T=4) mean {fid['kl_t4_mean']:.2e}, argmax agreement "
+            f"{100 * fid['argmax_agreement']:.3f}%"
+        )
+        if "pair_cos_err_max" in fid:
+            line += f", pair-wise cosine error mean {fid['pair_cos_err_mean']:.1e} max {fid['pair_cos_err_max']:.1e}"
+        console.print(line)
+    if result.skipped_images:
+        err_console.print(
+            f"[yellow]skipped {len(result.skipped_images)} unreadable image(s):[/] "
+            + ", ".join(result.skipped_images[:10])
+            + (" ..." if len(result.skipped_images) > 10 else "")
+        )
+
+
+def _build_summary(result) -> dict:
+    s = result.schema
+    return {
+        "url": result.url,
+        "resumed": result.resumed,
+        "mode": s.mode,
+        "entries": s.num_entries,
+        "images": s.num_images,
+        "entries_written": result.entries_written,
+        "seconds": round(result.seconds, 3),
+        "teacher_seconds": round(result.teacher_seconds, 3),
+        "bytes_encoded": result.bytes_encoded,
+        "fidelity": s.fidelity,
+        "skipped_images": result.skipped_images,
+    }
+
+
+register_cache_commands(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_app(app, argv)
+
+
+if __name__ == "__main__":
+    main()

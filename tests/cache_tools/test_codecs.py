@@ -1,0 +1,148 @@
+"""Codec round trips within their stated bounds (hypothesis), and fidelity helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from cache_tools.codecs import FeatureCodec, LogitCodec, fit_pca, parse_feature_codec
+from cache_tools.errors import SchemaError
+from cache_tools.fidelity import compose_nodes, cosine_matrix, kl_per_pixel, node_windows, pool_cells
+
+finite = st.floats(-40, 40, allow_nan=False, width=32)
+logit_maps = st.tuples(st.integers(2, 8), st.integers(1, 6), st.integers(1, 6)).flatmap(
+    lambda s: arrays(np.float32, s, elements=finite)
+)
+
+
+@given(logit_maps)
+def test_fp16_bound(z):
+    codec = LogitCodec("fp16")
+    parts, clipped = codec.encode(z)
+    assert clipped == 0
+    out = codec.decode(parts)
+    assert out.shape == z.shape and out.dtype == np.float32
+    assert np.all(np.abs(out - z) <= np.abs(z) * 2**-11 + 1e-7)
+
+
+@given(logit_maps)
+def test_int8_pixel_bound(z):
+    codec = LogitCodec("int8-pixel")
+    out = codec.decode(codec.encode(z)[0])
+    step = (z.max(0) - z.min(0)) / 255.0
+    assert np.all(np.abs(out - z) <= step / 2 + 1e-5 * (1 + np.abs(z)))
+
+
+@given(logit_maps)
+def test_int8_channel_bound(z):
+    codec = LogitCodec("int8-channel")
+    out = codec.decode(codec.encode(z)[0])
+    step = (z.max((1, 2)) - z.min((1, 2))) / 255.0
+    assert np.all(np.abs(out - z) <= step[:, None, None] / 2 + 1e-5 * (1 + np.abs(z)))
+
+
+@given(logit_maps, st.sampled_from(["gap-u8", "gap-u16"]))
+def test_gap_codecs_keep_argmax_and_bound(z, name):
+    codec = LogitCodec(name, top_dtype="float32")
+    parts, clipped = codec.encode(z)
+    out = codec.decode(parts)
+    # the argmax is exact by construction
+    assert np.array_equal(out.argmax(0), z.argmax(0))
+    gap = z.max(0, keepdims=True) - z
+    assert clipped == int((gap > codec.clip).sum())
+    inside = gap <= codec.clip
+    dec_gap = out.max(0, keepdims=True) - out
+    if name == "gap-u8":
+        # u = sqrt(g/G) quantised to 1/255: |g' - g| <= 2 sqrt(gG)/510 + G/255^2 (+ the forced code 1)
+        bound = np.sqrt(gap * codec.clip) / 255 + 2 * codec.clip / 255**2
+    else:
+        bound = np.full_like(gap, codec.clip / 65535 + 1e-6)
+    err = np.abs(dec_gap - gap)
+    assert np.all(err[inside] <= bound[inside] + 1e-4)
+    # a clipped class decodes to exactly the clip
+    assert np.allclose(dec_gap[~inside], codec.clip, atol=1e-3)
+
+
+def test_gap_u8_doc_example():
+    codec = LogitCodec("gap-u8")
+    parts, _ = codec.encode(np.array([[[3.0]], [[1.0]], [[-2.0]]], np.float32))
+    assert parts["q"].ravel().tolist() == [0, 64, 101]
+    assert parts["q"].dtype == np.uint8 and parts["top"].dtype == np.float16
+
+
+def test_gap_ties_keep_first_argmax():
+    z = np.zeros((3, 1, 1), np.float32)
+    codec = LogitCodec("gap-u8")
+    out = codec.decode(codec.encode(z)[0])
+    assert out.argmax(0).item() == 0
+
+
+def test_fp16_overflow_is_clipped_and_counted():
+    z = np.array([[[1e6]], [[0.0]]], np.float32)
+    parts, clipped = LogitCodec("fp16").encode(z)
+    assert clipped == 1 and np.isfinite(parts["data"].astype(np.float32)).all()
+
+
+@given(st.integers(1, 40), st.integers(1, 40))
+def test_node_windows_cover_the_axis(size, kernel):
+    w = node_windows(size, kernel)
+    assert w[0][0] == 0 and w[-1][1] == size
+    assert all(a < b for a, b in w) and all(w[i][1] == w[i + 1][0] for i in range(len(w) - 1))
+
+
+def test_official_node_windows():
+    assert node_windows(65, 32) == [(0, 32), (32, 64), (64, 65)]
+    assert len(node_windows(129, 64)) == 3 and len(node_windows(257, 128)) == 3
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_pooling_composes_on_aligned_grids(mode):
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(5, 65, 65)).astype(np.float32)
+    direct = pool_cells(f, (32, 32), mode)
+    cells = pool_cells(f, (4, 4), mode)  # 4 divides 32: every node window is a union of cells
+    composed = compose_nodes(cells, (4, 4), (65, 65), (32, 32), mode)
+    np.testing.assert_allclose(composed, direct, rtol=1e-5, atol=1e-6)
+
+
+@given(arrays(np.float32, (6, 3, 4), elements=st.floats(-5, 5, width=32)))
+def test_int8_feature_bound(f):
+    codec = FeatureCodec("int8")
+    out = codec.decode(codec.encode(f)[0])
+    step = (f.max((1, 2)) - f.min((1, 2))) / 255.0
+    assert np.all(np.abs(out - f) <= step[:, None, None] / 2 + 1e-5 * (1 + np.abs(f)))
+
+
+def test_pca_is_exact_at_full_rank_and_commutes_with_average_pooling():
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(8, 12, 12)).astype(np.float32)
+    basis, mean, kept = fit_pca(f.reshape(8, -1).T, 8)
+    assert kept == pytest.approx(1.0)
+    codec = FeatureCodec("pca", basis=basis, mean=mean)
+    np.testing.assert_allclose(codec.decode(codec.encode(f)[0]), f, atol=2e-2)
+    # linear projection commutes with average pooling
+    basis4, mean4, _ = fit_pca(f.reshape(8, -1).T, 4)
+    c4 = FeatureCodec("pca", basis=basis4, mean=mean4)
+    lhs = pool_cells(c4.decode(c4.encode(f)[0]), (4, 4), "avg")
+    rhs = c4.decode(c4.encode(pool_cells(f, (4, 4), "avg"))[0])
+    np.testing.assert_allclose(lhs, rhs, atol=1e-2)
+
+
+def test_feature_codec_names():
+    assert parse_feature_codec("pca64") == ("pca", 64)
+    assert parse_feature_codec("fp16") == ("fp16", None)
+    with pytest.raises(SchemaError, match="unknown features codec"):
+        parse_feature_codec("jpeg")
+    with pytest.raises(SchemaError, match="unknown logits codec"):
+        LogitCodec("top5")
+
+
+def test_kl_and_cosine_basics():
+    z = np.random.default_rng(2).normal(size=(4, 3, 3)).astype(np.float32)
+    assert kl_per_pixel(z, z).max() == pytest.approx(0.0, abs=1e-12)
+    assert kl_per_pixel(z, z + 3.0).max() == pytest.approx(0.0, abs=1e-9)  # shift invariant
+    c = cosine_matrix(np.abs(z))
+    assert c.shape == (9, 9) and np.allclose(np.diag(c), 1.0, atol=1e-6)
