@@ -14,9 +14,11 @@ Logit codecs (input ``(..., K, h, w)``):
 * ``int8-pixel`` -- per-pixel affine uint8: ``z = lo + q * step`` with per-pixel ``lo``/``step``.
 * ``int8-channel`` -- per-entry, per-class affine uint8.
 * ``gap-u8`` -- the per-pixel top logit ``top`` (fp16) and, for every class, its gap to the top,
-  ``g = top - z >= 0``, companded as ``q = round(255 * sqrt(min(g, G) / G))``. The argmax class
-  alone has ``q = 0`` (others are at least 1), so the decoded argmax is always the teacher's, and
-  small gaps (the classes that carry the probability mass, at any temperature) get the finest steps.
+  ``g = top - z >= 0``, companded exponentially: ``q = round(255 * (1 - exp(-g/s)) / (1 - exp(-G/s)))``
+  with ``g`` clipped to ``G``. A class's weight in the softmax falls as ``exp(-g/T)``, so the
+  step grows where the weight vanishes (the optimal quantiser density for a squared error weighted
+  by ``p`` is ``p^(1/3)``; ``s = 6`` balances T = 1 and T = 4). The argmax class alone has ``q = 0``
+  (others are at least 1), so the decoded argmax is always the teacher's.
 * ``gap-u16`` -- the same with linear 16-bit gaps: near-lossless.
 
 Feature codecs (input ``(..., C, hp, wp)``): ``fp32``, ``fp16``, ``int8`` (per-entry, per-channel
@@ -28,9 +30,9 @@ Example:
     >>> z = np.array([[[3.0]], [[1.0]], [[-2.0]]], dtype=np.float32)  # K=3, 1x1
     >>> parts, clipped = codec.encode(z)
     >>> sorted(parts), parts["q"].ravel().tolist(), clipped
-    (['q', 'top'], [0, 64, 101], 0)
+    (['q', 'top'], [0, 72, 144], 0)
     >>> [round(float(v), 2) for v in codec.decode(parts).ravel()]
-    [3.0, 0.98, -2.02]
+    [3.0, 1.01, -1.99]
 """
 
 from __future__ import annotations
@@ -87,29 +89,46 @@ def _affine_u8(x: np.ndarray, axes: tuple[int, ...]) -> dict[str, np.ndarray]:
 class LogitCodec:
     """Encode/decode logits ``(..., K, h, w)`` float32 to parts and back."""
 
-    def __init__(self, name: str, clip: float | None = None, top_dtype: str = "float16"):
+    def __init__(self, name: str, clip: float | None = None, top_dtype: str = "float16", scale: float | None = None):
         if name not in LOGIT_CODECS:
             raise SchemaError(f"unknown logits codec {name!r}; choose one of {', '.join(LOGIT_CODECS)}")
         self.name = name
-        default_clip = {"gap-u8": 32.0, "gap-u16": 64.0}.get(name)
+        default_clip = {"gap-u8": 48.0, "gap-u16": 64.0}.get(name)
         self.clip = float(clip) if clip is not None else default_clip
         if self.clip is not None and not self.clip > 0:
             raise SchemaError(f"gap clip must be positive, got {self.clip}")
+        self.scale = (float(scale) if scale is not None else 6.0) if name == "gap-u8" else None
+        if self.scale is not None and not self.scale > 0:
+            raise SchemaError(f"gap-u8 scale must be positive, got {self.scale}")
         if top_dtype not in ("float16", "float32"):
             raise SchemaError("top_dtype must be float16 or float32")
         self.top_dtype = top_dtype
 
     @property
     def params(self) -> dict:
-        if self.name.startswith("gap"):
+        if self.name == "gap-u8":
+            return {"clip": self.clip, "scale": self.scale, "top_dtype": self.top_dtype}
+        if self.name == "gap-u16":
             return {"clip": self.clip, "top_dtype": self.top_dtype}
         return {}
 
     @classmethod
     def from_params(cls, name: str, params: dict) -> LogitCodec:
         if name.startswith("gap"):
-            return cls(name, clip=params.get("clip"), top_dtype=params.get("top_dtype", "float16"))
+            return cls(
+                name, clip=params.get("clip"), top_dtype=params.get("top_dtype", "float16"), scale=params.get("scale")
+            )
         return cls(name)
+
+    def _compand(self, g: np.ndarray) -> np.ndarray:
+        """gap in [0, G] -> u in [0, 1] (gap-u8)."""
+        s = self.scale
+        return -np.expm1(-g / s) / -np.expm1(-self.clip / s)
+
+    def _expand(self, u: np.ndarray) -> np.ndarray:
+        """u in [0, 1] -> gap (inverse of _compand)."""
+        s = self.scale
+        return -s * np.log1p(u * np.expm1(-self.clip / s))
 
     def parts(self, k: int, h: int, w: int) -> dict[str, Part]:
         n = self.name
@@ -143,12 +162,12 @@ class LogitCodec:
         top = z.max(axis=-3, keepdims=True)
         gap = top - z
         clipped = int(np.count_nonzero(gap > self.clip))
-        g = np.minimum(gap, self.clip) / self.clip
+        g = np.minimum(gap, self.clip)
         if n == "gap-u8":
-            q = np.rint(255.0 * np.sqrt(g))
+            q = np.rint(255.0 * self._compand(g))
             qmax, dtype = 255, np.uint8
         else:
-            q = np.rint(65535.0 * g)
+            q = np.rint(65535.0 * (g / self.clip))
             qmax, dtype = 65535, np.uint16
         # only the argmax class may decode to gap 0: ties and tiny gaps go to code 1
         q = np.maximum(q, 1)
@@ -173,7 +192,7 @@ class LogitCodec:
             return lo + parts["q"].astype(np.float32) * step
         q = parts["q"].astype(np.float32)
         if n == "gap-u8":
-            gap = self.clip * np.square(q * (1.0 / 255.0))
+            gap = self._expand(q * (1.0 / 255.0)).astype(np.float32)
         else:
             gap = q * (self.clip / 65535.0)
         return parts["top"].astype(np.float32)[..., None, :, :] - gap
@@ -185,7 +204,7 @@ class LogitCodec:
             "fp16": "|z|*2^-11",
             "int8-pixel": "step/2 = (max_c z - min_c z)/510 per pixel",
             "int8-channel": "step/2 = (max_hw z - min_hw z)/510 per class",
-            "gap-u8": f"gap error <= sqrt(gap*{self.clip})/255 + tiny; gaps over {self.clip} clipped",
+            "gap-u8": f"u = (1-exp(-g/{self.scale}))/(1-exp(-{self.clip}/{self.scale})) to 1/510; gaps over {self.clip} clipped",
             "gap-u16": f"gap error <= {self.clip}/131070; gaps over {self.clip} clipped",
         }[self.name]
 

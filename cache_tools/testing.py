@@ -7,6 +7,8 @@ running a model.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from .codecs import FeatureCodec, LogitCodec
@@ -25,7 +27,7 @@ from .schema import (
 )
 from .store import CacheWriter, entry_checksum, prepare_cache
 
-__all__ = ["synthetic_maps", "synthetic_schema", "make_synthetic_cache"]
+__all__ = ["synthetic_maps", "synthetic_schema", "make_synthetic_cache", "write_entries"]
 
 
 def synthetic_maps(rng: np.random.Generator, k: int, c: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +93,51 @@ def synthetic_schema(
     )
 
 
+def write_entries(
+    writer: CacheWriter,
+    maps: dict[int, tuple[np.ndarray, np.ndarray | None]],
+    image_sha256: list[bytes],
+    shards: list[int] | None = None,
+) -> None:
+    """Encode exact (logits, feature) maps per entry and write whole shards, as the build does."""
+    schema = writer.schema
+    k = schema.entries_per_image
+    lc = LogitCodec.from_params(schema.logits.codec, schema.logits.params)
+    fc = FeatureCodec(schema.features.codec) if schema.features is not None else None
+    for s in range(schema.num_shards) if shards is None else shards:
+        a, b = schema.shard_range(s)
+        lparts, fparts, sums, rows = [], [], [], []
+        for e in range(a, b):
+            logits, feat = maps[e]
+            h, w = logits.shape[-2:]
+            lp, _ = lc.encode(logits)
+            parts = {"logits": lp}
+            row = np.full(len(FIDELITY_COLUMNS), np.nan, np.float32)
+            ref_nodes = dec_nodes = None
+            if fc is not None:
+                layout = schema.features
+                cells = pool_cells(feat, layout.block, layout.pool)  # type: ignore[union-attr]
+                fp, _ = fc.encode(cells)
+                parts["features"] = fp
+                fparts.append(fp)
+                kernel = official_kernel(h, w)
+                ref_nodes = compose_nodes(cells, layout.block, (h, w), kernel, layout.pool)  # type: ignore[union-attr]
+                dec_nodes = compose_nodes(fc.decode(fp), layout.block, (h, w), kernel, layout.pool)  # type: ignore[union-attr]
+            row = entry_fidelity(logits, lc.decode(lp), ref_nodes, dec_nodes)
+            lparts.append(lp)
+            sums.append(entry_checksum(parts))
+            rows.append(row)
+        writer.write_shard(
+            s,
+            logits={n: np.stack([p[n] for p in lparts]) for n in lparts[0]},
+            features={n: np.stack([p[n] for p in fparts]) for n in fparts[0]} if fparts else None,
+            image_sha256=np.stack([np.frombuffer(image_sha256[i], np.uint8) for i in range(a // k, b // k)]),
+            checksums=np.array(sums, np.uint64),
+            fidelity=np.stack(rows),
+            clipped=np.zeros(b - a, np.uint32),
+        )
+
+
 def make_synthetic_cache(
     url: str,
     schema: CacheSchema | None = None,
@@ -120,7 +167,11 @@ def make_synthetic_cache(
     sizes = np.tile(np.array([[8 * (h - 1), 8 * (w - 1)]], np.int64), (schema.num_images, 1))
     if schema.mode == "views":
         ch, cw = schema.views.crop  # type: ignore[union-attr]
-        views = [View(i, 1.0, tuple(sizes[i]), (0, 0, ch, cw), bool(j % 2)) for i in range(schema.num_images) for j in range(k)]
+        views = [
+            View(i, 1.0, tuple(sizes[i]), (0, 0, ch, cw), bool(j % 2))
+            for i in range(schema.num_images)
+            for j in range(k)
+        ]
     else:
         views = [View.identity(i, tuple(sizes[i]), flip=bool(j)) for i in range(schema.num_images) for j in range(k)]
     grids = np.tile(np.array([[h, w]]), (schema.num_entries, 1))
@@ -134,44 +185,12 @@ def make_synthetic_cache(
         storage_options=storage_options,
         overwrite=overwrite,
     )
-    lc = LogitCodec.from_params(schema.logits.codec, schema.logits.params)
-    fc = FeatureCodec(schema.features.codec) if schema.features is not None else None
-    digests = image_sha256 or [__import__("hashlib").sha256(i.encode()).digest() for i in ids]
-    exact: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for s in range(schema.num_shards) if shards is None else shards:
-        a, b = schema.shard_range(s)
-        lparts, fparts, sums, rows = [], [], [], []
-        for e in range(a, b):
-            logits, feat = synthetic_maps(rng, schema.logits.channels, schema.teacher.feature_channels, h, w)
-            exact[e] = (logits, feat)
-            lp, _ = lc.encode(logits)
-            parts = {"logits": lp}
-            row = np.full(len(FIDELITY_COLUMNS), np.nan, np.float32)
-            if fc is not None:
-                layout = schema.features
-                cells = pool_cells(feat, layout.block, layout.pool)  # type: ignore[union-attr]
-                fp, _ = fc.encode(cells)
-                parts["features"] = fp
-                fparts.append(fp)
-                kernel = official_kernel(h, w)
-                row = entry_fidelity(
-                    logits,
-                    lc.decode(lp),
-                    compose_nodes(cells, layout.block, (h, w), kernel),  # type: ignore[union-attr]
-                    compose_nodes(fc.decode(fp), layout.block, (h, w), kernel),  # type: ignore[union-attr]
-                )
-            lparts.append(lp)
-            sums.append(entry_checksum(parts))
-            rows.append(row)
-        writer.write_shard(
-            s,
-            logits={n: np.stack([p[n] for p in lparts]) for n in lparts[0]},
-            features={n: np.stack([p[n] for p in fparts]) for n in fparts[0]} if fparts else None,
-            image_sha256=np.stack([np.frombuffer(digests[i], np.uint8) for i in range(a // k, b // k)]),
-            checksums=np.array(sums, np.uint64),
-            fidelity=np.stack(rows),
-            clipped=np.zeros(b - a, np.uint32),
-        )
+    digests = image_sha256 or [hashlib.sha256(i.encode()).digest() for i in ids]
+    exact = {
+        e: synthetic_maps(rng, schema.logits.channels, schema.teacher.feature_channels, h, w)
+        for e in range(schema.num_entries)
+    }
+    write_entries(writer, exact, digests, shards)
     if finalize and shards is None:
         writer.finalize({"device": "cpu", "seconds": 0.0})
     return writer, exact

@@ -53,23 +53,40 @@ def test_gap_codecs_keep_argmax_and_bound(z, name):
     assert np.array_equal(out.argmax(0), z.argmax(0))
     gap = z.max(0, keepdims=True) - z
     assert clipped == int((gap > codec.clip).sum())
-    inside = gap <= codec.clip
+    q = parts["q"].astype(np.float64)
+    levels = 255 if name == "gap-u8" else 65535
+    # the quantiser's guarantee: the code is the companded gap rounded to the nearest level
+    # (except the forced code 1 for non-argmax classes whose gap rounds to 0)
+    g = np.minimum(gap, codec.clip)
+    u = codec._compand(g) if name == "gap-u8" else g / codec.clip
+    is_top = np.zeros_like(q, dtype=bool)
+    np.put_along_axis(is_top, z.argmax(0)[None], True, axis=0)
+    forced = (~is_top) & (np.rint(levels * u) == 0)
+    ok = np.abs(q / levels - u) <= 0.5 / levels + 1e-6
+    assert np.all(ok | forced)
+    assert np.all(q[is_top] == 0)
+    # decoding is the exact inverse of the companding at the stored level
     dec_gap = out.max(0, keepdims=True) - out
-    if name == "gap-u8":
-        # u = sqrt(g/G) quantised to 1/255: |g' - g| <= 2 sqrt(gG)/510 + G/255^2 (+ the forced code 1)
-        bound = np.sqrt(gap * codec.clip) / 255 + 2 * codec.clip / 255**2
-    else:
-        bound = np.full_like(gap, codec.clip / 65535 + 1e-6)
-    err = np.abs(dec_gap - gap)
-    assert np.all(err[inside] <= bound[inside] + 1e-4)
+    expect = codec._expand(q / 255) if name == "gap-u8" else q / levels * codec.clip
+    np.testing.assert_allclose(dec_gap, expect, rtol=1e-5, atol=1e-4)
     # a clipped class decodes to exactly the clip
-    assert np.allclose(dec_gap[~inside], codec.clip, atol=1e-3)
+    assert np.allclose(dec_gap[gap > codec.clip], codec.clip, atol=1e-3)
+
+
+def test_gap_u8_error_is_smallest_near_the_top():
+    codec = LogitCodec("gap-u8", top_dtype="float32")
+    gaps = np.linspace(0.05, 40, 800, dtype=np.float32)
+    z = np.zeros((2, 1, len(gaps)), np.float32)
+    z[1, 0] = -gaps
+    err = np.abs(codec.decode(codec.encode(z)[0])[1, 0] + gaps)
+    assert err[gaps < 3].max() < 0.025 and err[gaps < 12].max() < 0.1
+    assert err[gaps > 30].max() > err[gaps < 3].max()  # precision goes where the probability is
 
 
 def test_gap_u8_doc_example():
     codec = LogitCodec("gap-u8")
     parts, _ = codec.encode(np.array([[[3.0]], [[1.0]], [[-2.0]]], np.float32))
-    assert parts["q"].ravel().tolist() == [0, 64, 101]
+    assert parts["q"].ravel().tolist() == [0, 72, 144]
     assert parts["q"].dtype == np.uint8 and parts["top"].dtype == np.float16
 
 
