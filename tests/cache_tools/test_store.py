@@ -65,7 +65,7 @@ def test_write_reopen_equal(tmp_path, mode, per_image):
     codec = LogitCodec.from_params(schema.logits.codec, schema.logits.params)
     for e in range(r.num_entries):
         entry = r.read_entry(e, check=True)
-        logits, feat = exact[e]
+        logits, _ = exact[e]
         np.testing.assert_array_equal(entry.logits, codec.decode(codec.encode(logits)[0]))
         assert entry.image_index == e // per_image
         assert entry.feature.shape == (8, 3, 5)
@@ -153,7 +153,7 @@ def test_unsafe_codec_is_refused(tmp_path):
     g = zarr.open_group(str(url), mode="r+")
     g.create_array("evil", shape=(2,), dtype="uint8", compressors=[zarr.codecs.numcodecs.Zlib()])
     zarr.consolidate_metadata(str(url))
-    with pytest.raises(UnsafeCacheError, match="numcodecs.zlib"):
+    with pytest.raises(UnsafeCacheError, match=r"numcodecs\.zlib"):
         open_cache(str(url))
 
 
