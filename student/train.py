@@ -405,6 +405,9 @@ def _loader(s: Setup, start_step: int) -> DataLoader:
         collate_fn=collate_samples,
         pin_memory=s.device.type == "cuda",
         drop_last=True,
+        # the loader draws its base seed from this generator, not from the global RNG that dropout
+        # and the gradient penalty use, so a resumed run's RNG stream is exactly the original's
+        generator=torch.Generator().manual_seed(cfg.seed),
         persistent_workers=cfg.workers > 0,
         prefetch_factor=4 if cfg.workers > 0 else None,
         # fsspec filesystems and zarr's event loop are not fork-safe: start workers fresh
