@@ -45,12 +45,16 @@ def sample_data(
     num_val: Annotated[int | None, typer.Option(help="Validation images (default: a quarter of --num-images).")] = None,
     size: Annotated[str, typer.Option(help="Image size HxW.")] = "256x512",
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Write the built-in sample dataset: procedural street scenes in the Cityscapes layout."""
     from cache_tools.datasets import write_sample_dataset
 
     n_val = num_val if num_val is not None else max(1, num_images // 4)
     summary = write_sample_dataset(out, num_train=num_images, num_val=n_val, size=parse_hw(size, "--size"), seed=seed)
+    if json_out:
+        print_json(summary)
+        return
     console.print(f"wrote {summary['splits']} images of {size} to [bold]{out}[/] (seed {seed})")
 
 
@@ -244,6 +248,35 @@ def _build_summary(result) -> dict:
         "fidelity": s.fidelity,
         "skipped_images": result.skipped_images,
     }
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Fresh directory for everything the demo writes.")] = Path("demo-run"),
+    preset: Annotated[str, typer.Option(help="full (~10 min on 2 CPU cores) | smoke (a minute).")] = "full",
+) -> None:
+    """Sample data -> teacher -> one cache -> four students -> one table and a chart."""
+    from rich.table import Table
+
+    from .demo import run_demo
+
+    summary = run_demo(out, preset, log=lambda m: err_console.print(m, highlight=False))
+    table = Table(title=f"skd demo ({preset}): one teacher pass, four students", show_lines=False)
+    table.add_column("run")
+    table.add_column("losses")
+    table.add_column("val mIoU", justify="right")
+    table.add_column("train time", justify="right")
+    table.add_column("cache / image", justify="right")
+    for r in summary["rows"]:
+        size = "" if r["cache_bytes_per_image"] is None else f"{r['cache_bytes_per_image'] / 1e3:.1f} KB"
+        table.add_row(r["run"], r["losses"], f"{100 * r['miou']:.2f}", f"{r['train_seconds']:.0f} s", size)
+    console.print(table)
+    fid = summary["cache_fidelity"]
+    console.print(
+        f"cache {summary['cache']}: built in {summary['build_seconds']:.1f} s; codec KL(T=1) "
+        f"{fid.get('kl_t1_mean', float('nan')):.1e}, argmax agreement {100 * fid.get('argmax_agreement', float('nan')):.2f}%"
+    )
+    console.print(f"chart {summary['chart']}; total {summary['total_seconds'] / 60:.1f} min")
 
 
 register_cache_commands(app)

@@ -21,7 +21,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistEnv", "dist_env", "init_distributed", "shutdown_distributed", "all_reduce_grads", "launch"]
+__all__ = [
+    "DistEnv",
+    "dist_env",
+    "init_distributed",
+    "shutdown_distributed",
+    "all_reduce_grads",
+    "check_in_sync",
+    "launch",
+]
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,25 @@ def all_reduce_grads(module: nn.Module, env: DistEnv) -> None:
         n = g.numel()
         g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
+
+
+def check_in_sync(modules: dict[str, nn.Module], env: DistEnv) -> None:
+    """Raise if a module's parameters differ between ranks (a cheap fingerprint, all-gathered).
+
+    Called at checkpoints: DDP keeps the student identical and :func:`all_reduce_grads` the critic;
+    this catches any future change that breaks either.
+    """
+    if env.world <= 1:
+        return
+    for name, module in modules.items():
+        params = [p.detach().double().reshape(-1) for p in module.parameters()]
+        flat = torch.cat(params) if params else torch.zeros(1, dtype=torch.float64)
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64) % 9973 + 1
+        fp = torch.stack([flat.sum(), (flat * weights).sum()]).to(env.device)
+        gathered = [torch.zeros_like(fp) for _ in range(env.world)]
+        dist.all_gather(gathered, fp)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(f"the {name} replicas differ between processes; distributed training is out of sync")
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -32,7 +32,7 @@ from pipeline.views import OFFICIAL_SCALES
 from .checkpoint import load_checkpoint, save_checkpoint
 from .critic import Critic
 from .data import DrawSampler, PairSpec, SegTrainData, TrainBatch, collate_samples, raise_worker_error
-from .distributed import DistEnv, all_reduce_grads, dist_env, init_distributed, shutdown_distributed
+from .distributed import DistEnv, all_reduce_grads, check_in_sync, dist_env, init_distributed, shutdown_distributed
 from .losses import DistillationWeights, HolisticLoss, PairWiseLoss, PixelWiseLoss
 from .models import create_student
 
@@ -357,9 +357,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Setup:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     module = model
     if env.world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=True
-        )
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and cfg.amp) else None
 
@@ -532,6 +530,13 @@ def _available_splits(root: str) -> set[str]:
 # the loop
 
 
+def _replicated(s: Setup) -> dict[str, nn.Module]:
+    out = {"student": s.module}
+    if s.holistic is not None:
+        out["critic"] = s.holistic.critic
+    return out
+
+
 def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train a student; returns the final metrics, evaluation and output paths.
 
@@ -583,11 +588,13 @@ def _train(cfg: TrainConfig, env: DistEnv, progress) -> TrainResult:
                         best = eval_result["miou"]
                         _save_checkpoint(s, done, metrics, "best.pt")
             if ckpt_every and done % ckpt_every == 0 and done != cfg.iters:
+                check_in_sync(_replicated(s), env)
                 if env.rank == 0:
                     _save_checkpoint(s, done, metrics)
                 env.barrier()
         seconds = time.perf_counter() - t0
         checkpoint = weights = ""
+        check_in_sync(_replicated(s), env)
         if env.rank == 0:
             checkpoint = str(_save_checkpoint(s, cfg.iters, metrics))
             weights = str(
