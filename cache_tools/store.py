@@ -687,6 +687,22 @@ def prepare_cache(
     return CacheWriter(url, group, schema, storage_options), False
 
 
+def attach_cache(url: str | os.PathLike, schema: CacheSchema, *, storage_options: dict | None = None) -> CacheWriter:
+    """Open an existing, unfinished store for writing more shards (a worker of a distributed build).
+
+    Never creates or deletes anything: the store must exist with the same configuration.
+    """
+    url = str(url)
+    group = _open_group(url, storage_options, read_only=False)
+    existing = _read_schema(group, url)
+    if existing.content_key() != schema.content_key():
+        diff = _first_difference(existing.content_key(), schema.content_key())
+        raise ConfigMismatchError(f"{url} holds a cache of another configuration ({diff})")
+    with storage_errors(url):
+        _validate_group(group, existing)
+    return CacheWriter(url, group, existing, storage_options)
+
+
 def _first_difference(a: Any, b: Any, path: str = "") -> str:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):

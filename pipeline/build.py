@@ -48,7 +48,15 @@ from .inference import output_grid, pick_device, pool_cells, run_teacher, slide_
 from .teachers import Teacher, create_teacher
 from .views import OFFICIAL_SCALES, apply_view, sample_views
 
-__all__ = ["BuildConfig", "BuildProgress", "BuildResult", "build_cache", "plan_build"]
+__all__ = [
+    "BuildConfig",
+    "BuildProgress",
+    "BuildResult",
+    "build_cache",
+    "build_shards",
+    "plan_build",
+    "prepare_build",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +184,7 @@ def _image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             w, h = im.size
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any decoder error means an unreadable image
         raise DatasetError(f"cannot read image {path}: {exc}") from None
     return h, w
 
@@ -188,7 +196,7 @@ def _readable(path: Path) -> bool:
         with Image.open(path) as im:
             im.load()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any decoder error means an unreadable image
         return False
 
 
@@ -477,9 +485,8 @@ def _fit_pca(plan: BuildPlan, k: int) -> tuple[np.ndarray, np.ndarray]:
     return basis, mean
 
 
-def build_cache(config: BuildConfig, progress: Callable[[BuildProgress], None] | None = None) -> BuildResult:
-    """Run the teacher over the dataset and write (or resume) the cache at ``config.out``."""
-    t0 = time.perf_counter()
+def prepare_build(config: BuildConfig) -> tuple[BuildPlan, CacheWriter, bool]:
+    """Plan, fit the PCA basis if asked, and create (or reopen for resume) the store."""
     if config.threads:
         torch.set_num_threads(config.threads)
     plan = plan_build(config)
@@ -498,38 +505,69 @@ def build_cache(config: BuildConfig, progress: Callable[[BuildProgress], None] |
         overwrite=config.overwrite,
         storage_options=config.storage_options or None,
     )
-    schema = writer.schema
-    k = schema.entries_per_image
-    pending = writer.pending_shards()
-    images = [i for s in pending for i in range(schema.shard_range(s)[0] // k, schema.shard_range(s)[1] // k)]
-    total = schema.num_entries
-    already = total - len(images) * k
-    logit_codec = LogitCodec.from_params(schema.logits.codec, schema.logits.params)
-    feature_codec = _feature_codec_for(plan, writer)
-    sample_every = max(1, total // max(1, config.fidelity_samples))
-    sink = _ShardWriter(writer, schema, logit_codec, feature_codec, sample_every)
+    return plan, writer, resumed
 
-    teacher_seconds = 0.0
-    if images:
-        teacher_seconds = _run_pipeline(plan, schema, images, sink, already, total, t0, progress)
+
+def shard_images(schema: CacheSchema, shards: Sequence[int]) -> list[int]:
+    """The images whose entries make up ``shards``."""
+    k = schema.entries_per_image
+    return [i for s in shards for i in range(schema.shard_range(s)[0] // k, schema.shard_range(s)[1] // k)]
+
+
+def build_shards(
+    plan: BuildPlan,
+    writer: CacheWriter,
+    shards: Sequence[int],
+    progress: Callable[[BuildProgress], None] | None = None,
+    t0: float | None = None,
+) -> tuple[int, int, float]:
+    """Run the teacher on the images of ``shards`` and write those shards whole.
+
+    Returns:
+        (entries written, bytes of encoded values, seconds spent in the teacher).
+    """
+    schema = writer.schema
+    images = shard_images(schema, shards)
+    if not images:
+        return 0, 0, 0.0
+    total = schema.num_entries
+    already = total - len(images) * schema.entries_per_image
+    logit_codec = LogitCodec.from_params(schema.logits.codec, schema.logits.params)
+    sample_every = max(1, total // max(1, plan.config.fidelity_samples))
+    sink = _ShardWriter(writer, schema, logit_codec, _feature_codec_for(plan, writer), sample_every)
+    start = time.perf_counter() if t0 is None else t0
+    teacher_seconds = _run_pipeline(plan, schema, images, sink, already, total, start, progress)
+    return sink.entries_written, sink.bytes_written, teacher_seconds
+
+
+def build_info(plan: BuildPlan, seconds: float, teacher_seconds: float, **extra) -> dict:
     info = {
         "device": str(plan.device),
-        "amp": bool(config.amp and plan.device.type == "cuda"),
-        "batch_size": config.batch_size,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "amp": bool(plan.config.amp and plan.device.type == "cuda"),
+        "batch_size": plan.config.batch_size,
+        "seconds": round(seconds, 3),
         "teacher_seconds": round(teacher_seconds, 3),
+        **extra,
     }
     if plan.skipped:
         info["skipped_images"] = len(plan.skipped)
-    final = writer.finalize(info)
+    return info
+
+
+def build_cache(config: BuildConfig, progress: Callable[[BuildProgress], None] | None = None) -> BuildResult:
+    """Run the teacher over the dataset and write (or resume) the cache at ``config.out``."""
+    t0 = time.perf_counter()
+    plan, writer, resumed = prepare_build(config)
+    written, nbytes, teacher_seconds = build_shards(plan, writer, writer.pending_shards(), progress, t0)
+    final = writer.finalize(build_info(plan, time.perf_counter() - t0, teacher_seconds))
     return BuildResult(
         url=config.out,
         schema=final,
         resumed=resumed,
-        entries_written=sink.entries_written,
+        entries_written=written,
         seconds=time.perf_counter() - t0,
         teacher_seconds=teacher_seconds,
-        bytes_encoded=sink.bytes_written,
+        bytes_encoded=nbytes,
         skipped_images=plan.skipped,
     )
 
@@ -571,7 +609,7 @@ def _run_pipeline(
                 continue
             try:
                 sink.add(*job)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 sink.error = exc
 
     threads = [threading.Thread(target=work, daemon=True, name=f"skd-writer-{i}") for i in range(cfg.writer_threads)]

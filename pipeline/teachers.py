@@ -460,7 +460,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
             sd = load_file(str(p), device="cpu")
             with safe_open(str(p), framework="pt") as f:
                 meta = dict(f.metadata() or {})
-        except Exception as e:  # the safetensors reader raises its own error types
+        except Exception as e:  # noqa: BLE001 - the safetensors reader raises its own error types
             raise WeightsError(f"cannot read checkpoint {p}: not a valid safetensors file ({_one_line(e)})") from None
         return _extract_state_dict(sd, p)[0], meta, "safetensors"
     try:
@@ -477,7 +477,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         raise WeightsError(
             f"cannot read checkpoint {p}: not a torch or safetensors file ({_one_line(_weights_only_reason(text))})"
         ) from None
-    except Exception as e:  # corrupt zip (RuntimeError), truncated pickle (EOFError), I/O errors, ...
+    except Exception as e:  # noqa: BLE001 - corrupt zip (RuntimeError), truncated pickle (EOFError), I/O errors
         raise WeightsError(f"cannot read checkpoint {p}: {type(e).__name__}: {_one_line(e)}") from None
     sd, meta = _extract_state_dict(obj, p)
     return sd, meta, "torch"

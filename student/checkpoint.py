@@ -40,7 +40,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"checkpoint {path} does not exist") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - unpickling refusals and corrupt files alike
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"cannot read checkpoint {path}: {first}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
