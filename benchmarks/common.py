@@ -79,10 +79,39 @@ def benchmark_teacher(force: bool = False) -> tuple[Path, Path]:
     if weights.exists() and not force:
         return weights, data
     if not data.exists():
-        cli("skdcache", "sample-data", str(data), "--num-images", "200", "--num-val", "20", "--size", "512x1024", "--seed", "11")
+        cli(
+            "skdcache",
+            "sample-data",
+            str(data),
+            "--num-images",
+            "200",
+            "--num-val",
+            "20",
+            "--size",
+            "512x1024",
+            "--seed",
+            "11",
+        )
     cli(
-        "skdstudent", "train", "--data", str(data), "--out", str(root / "run"), "--student", "psp34_mini",
-        "--losses", "none", "--iters", "600", "--batch-size", "8", "--crop", "256x256", "--lr", "0.02",
-        "--eval-split", "none",
+        "skdstudent",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(root / "run"),
+        "--student",
+        "psp34_mini",
+        "--losses",
+        "none",
+        "--iters",
+        "600",
+        "--batch-size",
+        "8",
+        "--crop",
+        "256x256",
+        "--lr",
+        "0.02",
+        "--eval-split",
+        "none",
     )
     return weights, data

@@ -193,18 +193,16 @@ def build(
         def run(progress):
             return build_cache(config, progress=progress)
 
-    if json_out:
-        result = run(None)
-    else:
-        with progress_bar("build", total=None, unit="entries") as update:
+    # the progress bar goes to stderr, so --json output on stdout stays machine-readable
+    with progress_bar("build", total=None, unit="entries") as update:
 
-            def progress(p) -> None:
-                rate = p.entries_done / max(p.seconds, 1e-9)
-                update(
-                    p.entries_done, total=p.entries_total, rate=f"{rate:.1f}/s", extra=f"{p.bytes_written / 1e6:.1f} MB"
-                )
+        def progress(p) -> None:
+            rate = p.entries_done / max(p.seconds, 1e-9)
+            update(
+                p.entries_done, total=p.entries_total, rate=f"{rate:.1f}/s", extra=f"{p.bytes_written / 1e6:.1f} MB"
+            )
 
-            result = run(progress)
+        result = run(progress)
     summary = _build_summary(result)
     if json_out:
         print_json(summary)

@@ -163,8 +163,8 @@ def train(
     )
     from .distributed import dist_env
 
-    quiet = json_out or dist_env().rank != 0
-    if quiet:
+    # the progress bar goes to stderr, so --json output on stdout stays machine-readable
+    if dist_env().rank != 0:
         result = run_train(config)
     else:
         from cache_tools.clikit import progress_bar
