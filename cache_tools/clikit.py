@@ -55,7 +55,8 @@ def fail(message: str, code: int = 1) -> None:
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run a typer app; user errors (SkdError) become one line and exit code 1, no traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False makes click *return* the code of a typer.Exit instead of exiting
+        code = app(args=argv, standalone_mode=False)
     except SkdError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
@@ -73,6 +74,8 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(1)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def parse_storage_options(items: list[str] | None) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""What a cache holds, as plain data (``skdcache info``)."""
+"""What a cache holds, as plain data (``skdcache info``).
+
+:func:`describe_cache` reads only metadata, the small tables and a listing of the store's objects
+(for byte counts); it never decodes an entry.
+"""
 
 from __future__ import annotations
 
@@ -33,8 +37,11 @@ def _codec_text(c: dict) -> str:
     return str(name)
 
 
-def array_bytes(url: str, storage_options: dict | None = None) -> dict[str, int]:
-    """Stored bytes under each top-level array path of a store (metadata documents included)."""
+def array_bytes(url: str, storage_options: dict | None = None) -> dict[str, int] | None:
+    """Stored bytes of every object of a store, by key (metadata documents included).
+
+    Returns None when the location cannot be listed (plain HTTP).
+    """
     sizes: dict[str, int] = {}
     with storage_errors(url):
         if not is_remote(url):
@@ -44,26 +51,42 @@ def array_bytes(url: str, storage_options: dict | None = None) -> dict[str, int]
                     p = os.path.join(dirpath, f)
                     rel = os.path.relpath(p, root).replace(os.sep, "/")
                     sizes[rel] = os.path.getsize(p)
-        else:
-            import fsspec
+            return sizes
+        import fsspec
 
-            fs, path = fsspec.url_to_fs(url, **(storage_options or {}))
-            base = path.rstrip("/")
-            for p, info in fs.find(base, detail=True).items():
-                sizes[p[len(base) + 1 :]] = int(info.get("size") or 0)
+        fs, path = fsspec.url_to_fs(url, **(storage_options or {}))
+        if url.startswith(("http://", "https://")):
+            return None  # HTTP has no listing; sizes would be guesses
+        base = path.rstrip("/")
+        for p, info in fs.find(base, detail=True).items():
+            sizes[p[len(base) + 1 :]] = int(info.get("size") or 0)
     return sizes
 
 
-def _bytes_under(sizes: dict[str, int], prefix: str) -> int:
+def _bytes_under(sizes: dict[str, int] | None, prefix: str) -> int | None:
+    if sizes is None:
+        return None
     return sum(v for k, v in sizes.items() if k == prefix or k.startswith(prefix + "/"))
 
 
-def describe_cache(url: str, *, storage_options: dict | None = None, reader: CacheReader | None = None) -> dict[str, Any]:
-    """A JSON-able description of a cache: schema, arrays with codecs and bytes, fidelity."""
-    r = reader or open_cache(url, storage_options=storage_options, allow_incomplete=True)
+def _per(n: int | None, d: float) -> float | None:
+    return None if n is None else n / max(1.0, d)
+
+
+def describe_cache(
+    url: str,
+    *,
+    storage_options: dict | None = None,
+    reader: CacheReader | None = None,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """A JSON-able description of a cache: format, provenance, layout, arrays, bytes, fidelity.
+
+    Byte counts are ``None`` where the store cannot be listed (plain HTTP).
+    """
+    r = reader or open_cache(url, storage_options=storage_options, cache_dir=cache_dir, allow_incomplete=True)
     s = r.schema
     sizes = array_bytes(r.url, storage_options)
-    total = sum(sizes.values())
     arrays = []
     for path, arr in sorted(r._arrays.items()):
         chunks, shards, codecs = _codec_summary(arr.metadata.to_dict())
@@ -78,17 +101,22 @@ def describe_cache(url: str, *, storage_options: dict | None = None, reader: Cac
                 "bytes": _bytes_under(sizes, path),
             }
         )
-    target_bytes = _bytes_under(sizes, Arrays.LOGITS) + _bytes_under(sizes, Arrays.FEATURES)
     logits_bytes = _bytes_under(sizes, Arrays.LOGITS)
+    features_bytes = _bytes_under(sizes, Arrays.FEATURES)
+    target_bytes = None if logits_bytes is None else logits_bytes + (features_bytes or 0)
     done = int(r.done.sum())
+    images_done = done / s.entries_per_image
     d = s.to_dict()
     return {
         "url": r.url,
+        "format": d["format"],
         "format_version": s.format_version,
         "status": s.status,
         "mode": s.mode,
         "teacher": d["teacher"],
-        "dataset": {k: v for k, v in d["dataset"].items() if k != "class_names"} | {"class_names": list(s.dataset.class_names)},
+        "dataset": d["dataset"],
+        "images": s.num_images,
+        "classes": s.dataset.num_classes,
         "entries": s.num_entries,
         "entries_done": done,
         "entries_per_image": s.entries_per_image,
@@ -99,14 +127,15 @@ def describe_cache(url: str, *, storage_options: dict | None = None, reader: Cac
         "logits": d["logits"],
         "features": d["features"],
         "arrays": arrays,
-        "bytes_total": total,
+        "bytes_total": None if sizes is None else sum(sizes.values()),
         "bytes_targets": target_bytes,
-        "bytes_per_entry": target_bytes / max(1, done),
-        "bytes_per_image": target_bytes / max(1, done / s.entries_per_image),
-        "bytes_logits_per_entry": logits_bytes / max(1, done),
-        "bytes_features_per_entry": (target_bytes - logits_bytes) / max(1, done),
+        "bytes_per_entry": _per(target_bytes, done),
+        "bytes_per_image": _per(target_bytes, images_done),
+        "bytes_logits_per_entry": _per(logits_bytes, done),
+        "bytes_features_per_entry": _per(features_bytes, done) if s.features is not None else 0.0,
         "fidelity": s.fidelity,
         "build": s.build,
+        "build_seconds": s.build.get("seconds"),
         "tool_version": s.tool_version,
         "created": s.created,
         "completed": s.completed,

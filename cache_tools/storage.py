@@ -9,14 +9,28 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import logging
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import CacheError, CacheNotFoundError, CacheWriteError
 
-__all__ = ["is_remote", "local_path", "open_store", "remove_store", "storage_errors", "url_exists"]
+__all__ = [
+    "is_remote",
+    "local_path",
+    "check_writable",
+    "open_store",
+    "read_through_store",
+    "remove_store",
+    "storage_errors",
+    "url_exists",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def is_remote(url: str) -> bool:
@@ -51,6 +65,7 @@ def open_store(
     read_only: bool,
     storage_options: dict | None = None,
     cache_dir: str | os.PathLike | None = None,
+    cache_key: str = "",
 ) -> Any:
     """A zarr store for ``url``.
 
@@ -59,26 +74,184 @@ def open_store(
             ``https://`` for read-only HTTP, ``memory://`` ...).
         read_only: open without write permission (what every reader uses).
         storage_options: passed to fsspec (e.g. ``{"endpoint_url": ..., "anon": True}``).
-        cache_dir: for remote stores read through a local whole-file cache (fsspec ``simplecache``):
-            the first epoch downloads each shard once, later epochs read local disk.
+        cache_dir: for remote stores, a local read-through cache (:func:`read_through_store`): each
+            object is downloaded whole once, later reads (byte ranges of shards included) come from
+            local disk. Ignored for local paths. Only for stores whose data objects no longer change
+            (a complete cache); :func:`cache_tools.store.open_cache` uses it only then.
+        cache_key: mixed into the cache's namespace, so that a store rebuilt at the same URL never
+            reads the old store's objects (``open_cache`` passes a digest of the schema attribute).
     """
     import zarr.storage
 
     url = str(url)
+    if not read_only:
+        check_writable(url)
     if not is_remote(url):
         path = local_path(url)
         if read_only and not path.exists():
             raise CacheNotFoundError(f"no cache at {url}: the path does not exist")
         return zarr.storage.LocalStore(path, read_only=read_only)
-    opts = dict(storage_options or {})
-    if cache_dir is not None:
-        if not read_only:
-            raise CacheError("a read-through cache (--cache-dir) is only for reading")
-        protocol = url.split("://", 1)[0]
-        opts = {protocol: opts, "simplecache": {"cache_storage": str(cache_dir), "same_names": False}}
-        url = f"simplecache::{url}"
+    if cache_dir is not None and not read_only:
+        raise CacheError("a read-through cache (--cache-dir) is only for reading")
     with storage_errors(url):
-        return zarr.storage.FsspecStore.from_url(url, storage_options=opts, read_only=read_only)
+        store = zarr.storage.FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+    if cache_dir is None:
+        return store
+    namespace = hashlib.sha256(f"{url}\n{cache_key}".encode()).hexdigest()[:32]
+    return read_through_store(store, Path(cache_dir).expanduser() / namespace)
+
+
+def check_writable(url: str) -> None:
+    """Refuse destinations that can only be read (plain HTTP), before anything is attempted."""
+    if str(url).startswith(("http://", "https://")):
+        raise CacheWriteError(
+            f"cannot write {url}: plain HTTP(S) is read-only; write to a path or an object store "
+            "(s3://, gs://, ...) and serve that over HTTP"
+        )
+
+
+def _read_through_class() -> type:
+    """:class:`ReadThroughStore` is built on first use so that importing this module stays cheap."""
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+    from zarr.storage import WrapperStore
+
+    def _slice(data: bytes, byte_range: Any) -> bytes:
+        if byte_range is None:
+            return data
+        if isinstance(byte_range, RangeByteRequest):
+            return data[byte_range.start : byte_range.end]
+        if isinstance(byte_range, OffsetByteRequest):
+            return data[byte_range.offset :]
+        if isinstance(byte_range, SuffixByteRequest):
+            return data[-byte_range.suffix :] if byte_range.suffix else b""
+        raise ValueError(f"unexpected byte range {byte_range!r}")
+
+    class _ReadThroughStore(WrapperStore):
+        """A read-only zarr store that keeps a local copy of every object it reads.
+
+        fsspec's ``simplecache::`` cannot serve here: under zarr's async FsspecStore it awaits the
+        remote filesystem on the wrong event loop, seeks to negative offsets for the shard-index
+        suffix reads, and writes downloads in place, so a concurrent reader can see half a file.
+        This store downloads each object whole (once per process, concurrent requests share the
+        download), writes it to a temporary name and renames it into place (atomic, so several
+        processes can share one cache directory), and answers byte ranges from the local copy.
+        Metadata documents (``zarr.json``) always come from the remote store.
+        """
+
+        def __init__(self, store: Any, directory: Path) -> None:
+            super().__init__(store)
+            self.directory = Path(directory)
+            self._inflight: dict[str, Any] = {}
+            self.hits = 0
+            self.misses = 0
+
+        def _with_store(self, store: Any) -> Any:
+            return type(self)(store, self.directory)
+
+        def with_read_only(self, read_only: bool = False) -> Any:
+            if not read_only:
+                raise CacheError("a read-through cache (--cache-dir) is only for reading")
+            return self
+
+        @property
+        def read_only(self) -> bool:
+            return True
+
+        def _local(self, key: str) -> Path:
+            # hashed names: keys come from an untrusted store and must never name a path
+            return self.directory / hashlib.sha256(key.encode()).hexdigest()
+
+        async def _fetch(self, key: str, prototype: Any) -> bytes | None:
+            import asyncio
+
+            pending = self._inflight.get(key)
+            if pending is not None:
+                return await asyncio.shield(pending)
+            fut = asyncio.get_running_loop().create_future()
+            self._inflight[key] = fut
+            try:
+                buf = await self._store.get(key, prototype)
+                data = None if buf is None else buf.to_bytes()
+                if data is not None:
+                    await asyncio.to_thread(self._save, key, data)
+                fut.set_result(data)
+                return data
+            except BaseException as exc:
+                fut.set_exception(exc)
+                fut.exception()  # retrieved here: waiters re-raise it, nobody else has to
+                raise
+            finally:
+                self._inflight.pop(key, None)
+
+        def _save(self, key: str, data: bytes) -> None:
+            target = self._local(key)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(data)
+                os.replace(tmp, target)
+            except OSError as exc:  # a full or read-only cache disk must not break reading
+                logger.warning("read-through cache %s: cannot keep %s (%s)", self.directory, key, exc)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+        def _read_local(self, key: str, byte_range: Any) -> bytes | None:
+            try:
+                with open(self._local(key), "rb") as f:
+                    if byte_range is None:
+                        return f.read()
+                    size = os.fstat(f.fileno()).st_size
+                    if isinstance(byte_range, RangeByteRequest):
+                        start, stop = byte_range.start, byte_range.end
+                    elif isinstance(byte_range, OffsetByteRequest):
+                        start, stop = byte_range.offset, size
+                    else:
+                        start, stop = max(0, size - byte_range.suffix), size
+                    f.seek(min(start, size))
+                    return f.read(max(0, min(stop, size) - start))
+            except FileNotFoundError:
+                return None
+
+        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            if key.rsplit("/", 1)[-1] == "zarr.json":
+                return await self._store.get(key, prototype, byte_range)
+            data = self._read_local(key, byte_range)
+            if data is not None:
+                self.hits += 1
+                return prototype.buffer.from_bytes(data)
+            self.misses += 1
+            whole = await self._fetch(key, prototype)
+            if whole is None:
+                return None
+            return prototype.buffer.from_bytes(_slice(whole, byte_range))
+
+        async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list:
+            import asyncio
+
+            return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
+
+        async def set(self, key: str, value: Any) -> None:
+            raise CacheError("a read-through cache (--cache-dir) is only for reading")
+
+        async def delete(self, key: str) -> None:
+            raise CacheError("a read-through cache (--cache-dir) is only for reading")
+
+        def __eq__(self, other: object) -> bool:
+            return type(other) is type(self) and other._store == self._store and other.directory == self.directory
+
+        __hash__ = None  # type: ignore[assignment]
+
+    _read_through_class.cls = _ReadThroughStore  # type: ignore[attr-defined]
+    return _ReadThroughStore
+
+
+def read_through_store(store: Any, directory: str | os.PathLike) -> Any:
+    """Wrap a (remote) zarr store with a local read-through cache in ``directory``; see :func:`open_store`.
+
+    The class is defined on first use, so that importing this module does not import zarr.
+    """
+    cls = getattr(_read_through_class, "cls", None) or _read_through_class()
+    return cls(store, Path(directory))
 
 
 def remove_store(url: str, storage_options: dict | None = None) -> None:
@@ -116,6 +289,13 @@ def _describe(exc: BaseException) -> str | None:
         return "the destination is on a read-only file system"
     if isinstance(exc, ImportError) and "s3fs" in text:
         return "s3:// URLs need the s3fs package: pip install 'skd[s3]'"
+    if name == "ClientResponseError" and hasattr(exc, "status"):  # aiohttp (HTTP filesystem)
+        status = int(exc.status)  # type: ignore[attr-defined]
+        if status in (401, 403):
+            return f"access denied by the server (HTTP {status})"
+        return f"the server answered HTTP {status} {getattr(exc, 'message', '')}".rstrip()
+    if name in ("ServerDisconnectedError", "ServerTimeoutError"):
+        return f"cannot reach the server ({text})"
     if isinstance(exc, ValueError) and "Protocol not known" in text:
         return f"unknown URL protocol ({text})"
     if isinstance(exc, ImportError) and ("Install" in text or "install" in text):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import hashlib
+import json
 import logging
 import os
 import warnings
@@ -201,7 +202,17 @@ def _codec_names(codecs: Any) -> list[str]:
 
 
 def _check_array_metadata(path: str, arr: Any) -> None:
-    meta = arr.metadata.to_dict()
+    _check_metadata_document(path, arr.metadata.to_dict())
+
+
+def _check_metadata_document(path: str, meta: Any) -> None:
+    """Refuse an array whose metadata asks for anything but plain numbers and allowed codecs.
+
+    Works on the raw JSON document too, so that it runs *before* zarr instantiates anything a store
+    names (codec classes are looked up by name, entry points included).
+    """
+    if not isinstance(meta, dict):
+        raise UnsafeCacheError(f"the metadata of {path} is not a JSON object")
     if meta.get("zarr_format") != 3:
         raise UnsafeCacheError(f"array {path} is not a zarr v3 array")
     dtype = str(meta.get("data_type"))
@@ -217,10 +228,63 @@ def _check_array_metadata(path: str, arr: Any) -> None:
         raise UnsafeCacheError(f"array {path} uses storage transformers; refusing to read it")
 
 
+def _raw_document(store: Any, key: str) -> Any:
+    """The JSON document at ``key`` of a zarr store, parsed by us (None when absent)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    if buf is None:
+        return None
+    try:
+        return json.loads(buf.to_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return ValueError(f"{key} is not valid JSON")
+
+
+def _precheck_store(store: Any, url: str) -> None:
+    """Validate the root document and every consolidated child document before zarr parses them."""
+    doc = _raw_document(store, "zarr.json")
+    if doc is None:
+        raise NotACacheError(f"{url} is not an skd cache (no zarr v3 group there: no zarr.json)")
+    if isinstance(doc, ValueError) or not isinstance(doc, dict):
+        raise NotACacheError(f"{url} is not an skd cache (its zarr.json is not a JSON object)")
+    if doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
+        raise NotACacheError(f"{url} is not an skd cache (its zarr.json does not describe a zarr v3 group)")
+    consolidated = doc.get("consolidated_metadata")
+    if consolidated is None:
+        return
+    children = consolidated.get("metadata") if isinstance(consolidated, dict) else None
+    if not isinstance(children, dict):
+        raise UnsafeCacheError(f"{url}: the consolidated metadata is malformed")
+    for path, meta in children.items():
+        if isinstance(meta, dict) and meta.get("node_type") == "group":
+            continue
+        _check_metadata_document(str(path), meta)
+
+
+def _prefix(group: Any) -> str:
+    path = group.store_path.path
+    return f"{path}/" if path else ""
+
+
 def _validate_group(group: Any, schema: CacheSchema) -> dict[str, Any]:
     """Check every array the schema implies (and every array present); return path -> array."""
     members = {}
-    for path, node in group.members(max_depth=None):
+    if not group.metadata.consolidated_metadata:
+        # no consolidated copy (a store being built, or a copy that dropped it): check each
+        # expected array's own document before zarr parses it
+        for path in list(_static_arrays(schema)) + list(_data_arrays(schema)):
+            doc = _raw_document(group.store_path.store, f"{_prefix(group)}{path}/zarr.json")
+            if isinstance(doc, ValueError):
+                raise SchemaError(f"the metadata of {path} is not valid JSON")
+            if doc is not None:
+                _check_metadata_document(path, doc)
+    try:
+        found = list(group.members(max_depth=None))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UnsafeCacheError(f"the store holds array metadata this reader refuses to parse ({exc})") from None
+    for path, node in found:
         if hasattr(node, "metadata") and getattr(node.metadata, "node_type", "") == "array":
             _check_array_metadata(path, node)
             members[path] = node
@@ -258,17 +322,26 @@ class CacheEntry:
     feature: np.ndarray | None
 
 
-def _open_group(url: str, storage_options: dict | None, cache_dir: str | None = None, read_only: bool = True):
+def _open_group(
+    url: str,
+    storage_options: dict | None,
+    cache_dir: str | None = None,
+    read_only: bool = True,
+    cache_key: str = "",
+):
     import zarr
 
     if not url_exists(url, storage_options):
         raise CacheNotFoundError(f"no cache at {url}: nothing exists there (check the path or URL)")
-    store = open_store(url, read_only=read_only, storage_options=storage_options, cache_dir=cache_dir)
+    store = open_store(
+        url, read_only=read_only, storage_options=storage_options, cache_dir=cache_dir, cache_key=cache_key
+    )
     with storage_errors(url):
+        _precheck_store(store, url)
         try:
             return zarr.open_group(store, mode="r" if read_only else "r+", zarr_format=3)
         except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
-            raise NotACacheError(f"{url} is not an skd cache (no zarr v3 group there: {exc})") from None
+            raise NotACacheError(f"{url} cannot be opened as a zarr v3 group ({exc})") from None
 
 
 def _read_schema(group: Any, url: str) -> CacheSchema:
@@ -295,25 +368,60 @@ class CacheReader:
         if schema.features is not None:
             basis = mean = None
             if schema.features.codec == "pca":
-                basis = arrays[Arrays.PCA_BASIS][...]
-                mean = arrays[Arrays.PCA_MEAN][...]
+                basis = self._table(Arrays.PCA_BASIS)
+                mean = self._table(Arrays.PCA_MEAN)
             self.feature_codec = FeatureCodec(schema.features.codec, basis=basis, mean=mean)
-        with storage_errors(url):
-            self.image_ids = _decode_ids(arrays[Arrays.IMAGE_ID][...])
-            self.image_sizes = arrays[Arrays.IMAGE_SIZE][...].astype(np.int64)
-            self.entry_image = arrays[Arrays.ENTRY_IMAGE][...].astype(np.int64)
-            self.entry_scale = arrays[Arrays.ENTRY_SCALE][...]
-            self.entry_resized = arrays[Arrays.ENTRY_RESIZED][...].astype(np.int64)
-            self.entry_box = arrays[Arrays.ENTRY_BOX][...].astype(np.int64)
-            self.entry_flip = arrays[Arrays.ENTRY_FLIP][...].astype(bool)
-            self.entry_grid = arrays[Arrays.ENTRY_GRID][...].astype(np.int64)
-            self.done = arrays[Arrays.ENTRY_DONE][...].astype(bool)
+        self.image_ids = _decode_ids(self._table(Arrays.IMAGE_ID))
+        self.image_sizes = self._table(Arrays.IMAGE_SIZE).astype(np.int64)
+        self.entry_image = self._table(Arrays.ENTRY_IMAGE).astype(np.int64)
+        self.entry_scale = self._table(Arrays.ENTRY_SCALE)
+        self.entry_resized = self._table(Arrays.ENTRY_RESIZED).astype(np.int64)
+        self.entry_box = self._table(Arrays.ENTRY_BOX).astype(np.int64)
+        self.entry_flip = self._table(Arrays.ENTRY_FLIP).astype(bool)
+        self.entry_grid = self._table(Arrays.ENTRY_GRID).astype(np.int64)
+        self.done = self._table(Arrays.ENTRY_DONE).astype(bool)
         if len(set(self.image_ids)) != len(self.image_ids):
             raise SchemaError("images/id holds duplicate ids")
         if self.entry_image.min(initial=0) < 0 or self.entry_image.max(initial=0) >= schema.num_images:
             raise SchemaError("entries/image points outside images/")
+        self._check_tables()
         self._parts = _target_parts(schema)
         self._index = {s: i for i, s in enumerate(self.image_ids)}
+
+    def _table(self, path: str) -> np.ndarray:
+        """A whole small array; a chunk that does not decode is a one-line CorruptEntryError."""
+        try:
+            with storage_errors(self.url):
+                return self._arrays[path][...]
+        except CacheError:
+            raise
+        except Exception as exc:
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            raise CorruptEntryError(
+                f"{self.url}: the table {path} cannot be read ({type(exc).__name__}: {text}); the store is "
+                "damaged — copy it again (`skdcache copy`) or rebuild it"
+            ) from exc
+
+    def _check_tables(self) -> None:
+        """Refuse geometry a reader would trip over (sizes that are zero, negative or absurd)."""
+        limit = 1 << 16  # pixels per side of an image or a scaled image
+        canvas = self.schema.logits.grid
+        checks = (
+            ("images/size", self.image_sizes, 1, limit),
+            ("entries/resized", self.entry_resized, 1, 4 * limit),
+            ("entries/box", self.entry_box, 0, 4 * limit),
+        )
+        for name, values, lo, hi in checks:
+            if values.size and (values.min() < lo or values.max() > hi):
+                raise SchemaError(f"{name} holds values outside [{lo}, {hi}]")
+        if self.entry_box.size and self.entry_box[:, 2:].min() < 1:
+            raise SchemaError("entries/box holds an empty crop")
+        grid = self.entry_grid
+        if grid.size and (grid.min() < 1 or (grid > np.asarray(canvas)).any()):
+            raise SchemaError(f"entries/grid holds grids outside 1..{canvas[0]}x{canvas[1]} (the canvas)")
+        scale = self.entry_scale
+        if scale.size and not (np.isfinite(scale).all() and scale.min() > 0):
+            raise SchemaError("entries/scale holds values that are not positive numbers")
 
     # -- tables ---------------------------------------------------------------------------------
     @property
@@ -335,7 +443,7 @@ class CacheReader:
 
     def image_sha256(self) -> list[str]:
         """sha256 (hex) of every image file, as recorded at build time ('' where not written)."""
-        raw = self._arrays[Arrays.IMAGE_SHA256][...]
+        raw = self._table(Arrays.IMAGE_SHA256)
         return ["" if not row.any() else bytes(row).hex() for row in raw]
 
     def entries_of_image(self, image: int) -> range:
@@ -353,7 +461,7 @@ class CacheReader:
         )
 
     def checksums(self) -> np.ndarray:
-        return self._arrays[Arrays.ENTRY_CHECKSUM][...]
+        return self._table(Arrays.ENTRY_CHECKSUM)
 
     # -- entries --------------------------------------------------------------------------------
     def _part_arrays(self) -> list[tuple[str, str, Any]]:
@@ -439,7 +547,8 @@ def open_cache(
     Args:
         url: local path or fsspec URL.
         storage_options: fsspec options for remote URLs.
-        cache_dir: local read-through cache directory for remote stores.
+        cache_dir: local read-through cache directory for remote stores (used once the store is
+            complete, when its objects no longer change; see ``storage.open_store``).
         allow_incomplete: open a store whose build has not finished (verify, info).
 
     Raises:
@@ -447,8 +556,13 @@ def open_cache(
         IncompleteCacheError.
     """
     url = str(url)
-    group = _open_group(url, storage_options, None if cache_dir is None else str(cache_dir))
+    group = _open_group(url, storage_options)
     schema = _read_schema(group, url)
+    if cache_dir is not None and is_remote(url) and schema.status == "complete":
+        # a complete store's objects never change: read them through the local cache, in a
+        # namespace of this very build (a store rebuilt at the same URL gets a fresh one)
+        key = hashlib.sha256(json.dumps(group.attrs[ROOT_ATTR], sort_keys=True).encode()).hexdigest()
+        group = _open_group(url, storage_options, str(cache_dir), cache_key=key)
     with storage_errors(url):
         arrays = _validate_group(group, schema)
     if schema.status != "complete" and not allow_incomplete:

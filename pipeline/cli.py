@@ -198,9 +198,7 @@ def build(
 
         def progress(p) -> None:
             rate = p.entries_done / max(p.seconds, 1e-9)
-            update(
-                p.entries_done, total=p.entries_total, rate=f"{rate:.1f}/s", extra=f"{p.bytes_written / 1e6:.1f} MB"
-            )
+            update(p.entries_done, total=p.entries_total, rate=f"{rate:.1f}/s", extra=f"{p.bytes_written / 1e6:.1f} MB")
 
         result = run(progress)
     summary = _build_summary(result)

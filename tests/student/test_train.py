@@ -78,7 +78,9 @@ def test_resume_equals_an_uninterrupted_run(sample_root, caches, tmp_path, worke
     with pytest.raises(Stop):
         train(_cfg(sample_root, tmp_path / "cut", cache=cache, iters=4, ckpt_every=2, workers=workers), stop_at_3)
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["step"] == 2
-    resumed = train(_cfg(sample_root, tmp_path / "cut", cache=cache, iters=4, ckpt_every=2, workers=workers, resume=True))
+    resumed = train(
+        _cfg(sample_root, tmp_path / "cut", cache=cache, iters=4, ckpt_every=2, workers=workers, resume=True)
+    )
     a = load_checkpoint(full.checkpoint)
     b = load_checkpoint(resumed.checkpoint)
     for part in ("model", "critic"):
