@@ -41,11 +41,15 @@ def kl_per_pixel(ref: np.ndarray, approx: np.ndarray, temperature: float = 1.0) 
 
 
 def node_windows(size: int, kernel: int) -> list[tuple[int, int]]:
-    """Ceil-mode, stride = kernel, no padding: window bounds along one axis."""
-    kernel = max(1, int(kernel))
-    n = -(-size // kernel)
-    # ceil_mode drops a last window that would start outside the input (cannot happen with pad 0)
-    return [(i * kernel, min((i + 1) * kernel, size)) for i in range(n)]
+    """Window bounds ``[start, end)`` along one axis of a ceil-mode pooling with stride = kernel, no padding.
+
+    This is the partition ``MaxPool2d(kernel, stride=kernel, padding=0, ceil_mode=True)`` uses: windows
+    of ``kernel`` cells, the last one clipped to the map. 65 cells with kernel 32 give
+    ``[(0, 32), (32, 64), (64, 65)]``.
+    """
+    if size < 1 or kernel < 1:
+        raise ValueError(f"size and kernel must be >= 1, got size={size}, kernel={kernel}")
+    return [(start, min(start + kernel, size)) for start in range(0, size, kernel)]
 
 
 def official_kernel(h: int, w: int, pool_scale: float = 0.5) -> tuple[int, int]:

@@ -37,6 +37,7 @@ __all__ = [
     "View",
     "ViewsParams",
     "ids_digest",
+    "first_difference",
     "parse_hw",
 ]
 
@@ -123,6 +124,20 @@ class View(NamedTuple):
 def ids_digest(ids: list[str]) -> str:
     """sha256 over the newline-joined image ids: a cheap proof that two id lists are equal."""
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def first_difference(a: Any, b: Any, path: str = "", *, words: tuple[str, str] = ("vs", "")) -> str | None:
+    """The first differing field of two nested dicts, as ``"path.to.key: a <words> b"``, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            found = first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k, words=words)
+            if found:
+                return found
+        return None
+    if a == b:
+        return None
+    middle, tail = words
+    return f"{path}: {a!r} {middle} {b!r}{' ' + tail if tail else ''}"
 
 
 def parse_hw(value: str | tuple[int, int] | list[int], what: str = "size") -> tuple[int, int]:

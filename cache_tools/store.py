@@ -39,7 +39,7 @@ from .errors import (
     UnsafeCacheError,
 )
 from .fidelity import summarize
-from .schema import FIDELITY_COLUMNS, ROOT_ATTR, Arrays, CacheSchema, Compressor, View
+from .schema import FIDELITY_COLUMNS, ROOT_ATTR, Arrays, CacheSchema, Compressor, View, first_difference
 from .storage import is_remote, local_path, open_store, remove_store, storage_errors, url_exists
 
 __all__ = [
@@ -817,10 +817,5 @@ def attach_cache(url: str | os.PathLike, schema: CacheSchema, *, storage_options
     return CacheWriter(url, group, existing, storage_options)
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-        return "no difference"
-    return f"{path}: {a!r} there vs {b!r} now"
+def _first_difference(a: dict, b: dict) -> str:
+    return first_difference(a, b, words=("there vs", "now")) or "no difference"

@@ -34,7 +34,7 @@ from .errors import (
     NotACacheError,
     SchemaMismatchError,
 )
-from .schema import Arrays, CacheSchema, View, ids_digest
+from .schema import Arrays, CacheSchema, View, first_difference, ids_digest
 from .storage import check_writable, is_remote, local_path, remove_store, storage_errors
 from .store import CacheReader, _data_arrays, entry_checksum, open_cache, prepare_cache
 
@@ -552,16 +552,6 @@ def _merge_key(schema: CacheSchema) -> dict:
     return d
 
 
-def _difference(a: Any, b: Any, path: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            found = _difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-            if found:
-                return found
-        return None
-    return None if a == b else f"{path}: {a!r} vs {b!r}"
-
-
 def merge_caches(
     dst: str,
     srcs: Sequence[str],
@@ -592,7 +582,7 @@ def merge_caches(
     first = readers[0]
     key = _merge_key(first.schema)
     for src, r in zip(srcs[1:], readers[1:], strict=True):
-        diff = _difference(key, _merge_key(r.schema))
+        diff = first_difference(key, _merge_key(r.schema))
         if diff:
             raise ConfigMismatchError(
                 f"cannot merge {src} with {srcs[0]}: they were built with different configurations ({diff})"

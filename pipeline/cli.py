@@ -267,6 +267,7 @@ def demo(
         size = "" if r["cache_bytes_per_image"] is None else f"{r['cache_bytes_per_image'] / 1e3:.1f} KB"
         table.add_row(r["run"], r["losses"], f"{100 * r['miou']:.2f}", f"{r['train_seconds']:.0f} s", size)
     console.print(table)
+    console.print("KD students: official pair-wise and holistic weights, pixel-wise --pixel-mode kl --lambda-pi 1")
     fid = summary["cache_fidelity"]
     console.print(
         f"cache {summary['cache']}: built in {summary['build_seconds']:.1f} s; codec KL(T=1) "

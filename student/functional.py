@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cache_tools.errors import ConfigError
+from cache_tools.fidelity import node_windows
 
 __all__ = [
     "PoolMode",
@@ -181,24 +182,8 @@ def pixel_kl_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def node_windows(size: int, kernel: int) -> list[tuple[int, int]]:
-    """Window bounds ``[start, end)`` along one axis of a ceil-mode pooling with stride = kernel, no padding.
-
-    This is the partition ``MaxPool2d(kernel, stride=kernel, padding=0, ceil_mode=True)`` uses: windows
-    of ``kernel`` cells, the last one clipped to the map (a window that would start past the end is
-    dropped). 65 cells with kernel 32 give ``[(0, 32), (32, 64), (64, 65)]``. The data pipeline uses it
-    to compose teacher nodes from pre-pooled cached cells.
-
-    Args:
-        size: number of cells along the axis (≥ 1).
-        kernel: window size = stride (≥ 1).
-
-    Returns:
-        One ``(start, end)`` pair per node.
-    """
-    if size < 1 or kernel < 1:
-        raise ValueError(f"size and kernel must be >= 1, got size={size}, kernel={kernel}")
-    return [(start, min(start + kernel, size)) for start in range(0, size, kernel)]
+# node_windows is the format's own definition (cache_tools.fidelity): one partition for the
+# loss and for composing nodes from cached cells.
 
 
 def pair_kernel(
