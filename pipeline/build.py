@@ -345,15 +345,12 @@ class _ImageSource(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, n: int):
+    def __getitem__(self, n: int) -> tuple[int, bytes, torch.Tensor]:
         img = self.images[n]
         image, _label, sha = self.dataset.load(self.records[img])  # load() checks the label too
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (3, H, W) uint8
         entries = self.views[img * self.per_image : (img + 1) * self.per_image]
-        if entries[0].box[2:] == tuple(x.shape[1:]) and entries[0].scale == 1.0:  # dense: whole image
-            crops = torch.stack([x.flip(-1) if v.flip else x for v in entries]).float()
-        else:
-            crops = torch.stack([apply_view(x, None, v)[0] for v in entries])
+        crops = torch.stack([apply_view(x, None, v)[0] for v in entries])  # a dense entry is the identity view
         return img, bytes.fromhex(sha), crops
 
 
@@ -623,10 +620,7 @@ def _run_pipeline(
                 break
             crops = torch.cat([c for _, _, c in batch])
             tt = time.perf_counter()
-            if cfg.mode == "dense" and len(batch) == 1 and cfg.inference == "whole":
-                logits, feature = run_teacher(plan.teacher.model, crops, plan.device, cfg.amp)
-            else:
-                logits, feature = _teacher_outputs(plan, crops, batch[0][0])
+            logits, feature = _teacher_outputs(plan, crops, batch[0][0])
             cells = pool_cells(feature, layout.block, layout.pool) if layout is not None else None
             logits_np = logits.cpu().numpy()
             cells_np = None if cells is None else cells.cpu().numpy()
