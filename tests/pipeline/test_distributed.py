@@ -14,6 +14,7 @@ import zarr
 
 from cache_tools import open_cache
 from cache_tools.datasets import write_sample_dataset
+from cache_tools.verify import verify_cache
 from pipeline.build import BuildConfig, build_cache
 from pipeline.distributed import build_cache_distributed
 
@@ -99,6 +100,6 @@ def test_a_killed_worker_loses_nothing(data, tmp_path):
     assert "error" not in result, result.get("error")
     r = open_cache(str(out))
     assert r.schema.status == "complete" and r.done.all()
-    for e in range(r.num_entries):
-        r.read_entry(e, check=True)
+    report = verify_cache(str(out), dataset_root=str(data))
+    assert report.sound and report.entries_ok == r.num_entries, report
     _same_arrays(tmp_path / "reference.zarr", out)

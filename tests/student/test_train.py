@@ -120,3 +120,32 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_checkpoint(sample_root, ca
     last = tmp_path / "nan" / "checkpoints" / "last.pt"
     if last.exists():  # whatever was saved before the divergence is intact and readable
         load_checkpoint(last)
+
+
+def test_imagenet_init_and_a_trained_student_as_teacher(sample_root, tmp_path):
+    from cache_tools import open_cache
+    from pipeline.teachers import create_model
+
+    # a CSAIL-layout backbone checkpoint (plain keys, fc head) initialises the student's backbone
+    backbone = {
+        k: v
+        for k, v in create_model("psp_tiny", num_classes=19).state_dict().items()
+        if k.startswith(("conv", "bn", "layer"))
+    }
+    backbone["fc.weight"] = torch.zeros(1000, 64)
+    torch.save(backbone, tmp_path / "resnet-imagenet.pth")
+    run = train(
+        _cfg(sample_root, tmp_path / "init", losses=(), iters=1, pretrained=str(tmp_path / "resnet-imagenet.pth"))
+    )
+    # ... and the trained student serves as a teacher, from its checkpoint and from its safetensors
+    for weights in (run.checkpoint, run.weights):
+        out = tmp_path / f"from-{weights.rsplit('/', 1)[-1]}.zarr"
+        build_cache(
+            BuildConfig(teacher="psp_tiny", weights=weights, data=str(sample_root), out=str(out), loader_workers=0)
+        )
+        assert open_cache(str(out)).schema.teacher.weights_sha256
+    torch.save(
+        {k: torch.zeros(64, 3, 7, 7) if k == "conv1.weight" else v for k, v in backbone.items()}, tmp_path / "tv.pth"
+    )
+    with pytest.raises(WeightsError, match="torchvision"):
+        train(_cfg(sample_root, tmp_path / "tv", losses=(), iters=1, pretrained=str(tmp_path / "tv.pth")))
