@@ -108,13 +108,7 @@ def train(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Train a student (task loss + the chosen distillation losses)."""
-    if nproc > 1:
-        from .distributed import launch
-
-        argv = _strip_nproc(sys.argv[1:])
-        code = launch(nproc, argv)
-        raise typer.Exit(code)
-    from .train import TrainConfig
+    from .train import TrainConfig, check_out_dir
     from .train import train as run_train
 
     config = TrainConfig(
@@ -161,6 +155,11 @@ def train(
         cache_dir=str(cache_dir) if cache_dir else None,
         tensorboard=tensorboard,
     )
+    if nproc > 1:
+        from .distributed import launch
+
+        check_out_dir(config)  # fail here, in one line, rather than in every rank
+        raise typer.Exit(launch(nproc, _strip_nproc(sys.argv[1:])))
     from .distributed import dist_env
 
     # the progress bar goes to stderr, so --json output on stdout stays machine-readable

@@ -123,4 +123,22 @@ def launch(nproc: int, argv: list[str]) -> int:
     env = dict(os.environ)
     # each rank gets its share of the CPU threads
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    # Ranks report user errors as one "error: ..." line; when one did, the launcher's own multi-line
+    # failure report after it adds nothing and is dropped. Anything else (a real crash) is shown whole.
+    user_error = False
+    held: list[str] = []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if user_error or held or line.startswith("Traceback (most recent call last):"):
+            held.append(line)
+            continue
+        if line.startswith("error:"):
+            user_error = True
+        if "torch.distributed.run" in line and "OMP_NUM_THREADS" in line:
+            continue  # torchrun's note that it set OMP_NUM_THREADS: we set it on purpose
+        sys.stderr.write(line)
+    code = proc.wait()
+    if code and not user_error:
+        sys.stderr.writelines(held)
+    return 1 if code and user_error else code

@@ -36,7 +36,15 @@ from .distributed import DistEnv, all_reduce_grads, check_in_sync, dist_env, ini
 from .losses import DistillationWeights, HolisticLoss, PairWiseLoss, PixelWiseLoss
 from .models import create_student
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDivergedError", "train", "train_step", "poly_lr"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "check_out_dir",
+    "poly_lr",
+    "train",
+    "train_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -310,24 +318,26 @@ def _diverged(step: int, metrics: dict[str, float]) -> TrainingDivergedError:
 # setup
 
 
-def _prepare_out(cfg: TrainConfig, env: DistEnv) -> Path:
+def check_out_dir(cfg: TrainConfig) -> Path:
+    """--out must be writable; it must hold a run exactly when --resume is given."""
     out = Path(cfg.out)
     ckpt = out / "checkpoints" / "last.pt"
-    if env.rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
-        if ckpt.exists() and not cfg.resume:
-            raise ConfigError(
-                f"{out} already holds a run ({ckpt}); pass --resume to continue it or choose another --out"
-            )
-        if cfg.resume and not ckpt.exists():
-            raise ConfigError(f"--resume: no checkpoint in {out} (expected {ckpt})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    if ckpt.exists() and not cfg.resume:
+        raise ConfigError(f"{out} already holds a run ({ckpt}); pass --resume to continue it or choose another --out")
+    if cfg.resume and not ckpt.exists():
+        raise ConfigError(f"--resume: no checkpoint in {out} (expected {ckpt})")
     return out
+
+
+def _prepare_out(cfg: TrainConfig, env: DistEnv) -> Path:
+    return check_out_dir(cfg) if env.rank == 0 else Path(cfg.out)
 
 
 def _setup(cfg: TrainConfig, env: DistEnv) -> Setup:

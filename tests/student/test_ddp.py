@@ -59,3 +59,13 @@ def test_two_process_training_from_a_cache(sample_root, tmp_path):
     # every line of metrics.jsonl comes from rank 0 only
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines if "task" in json.loads(x)] == [1, 2, 3, 4][-len(lines) :]
+    # resume under DDP, to a longer schedule
+    more = [*cmd[: cmd.index("--iters") + 1], "6", *cmd[cmd.index("--iters") + 2 :], "--resume"]
+    proc = subprocess.run(more, capture_output=True, text=True, env=env, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 6
+    # a user error in a multi-process run is still one line
+    bad = [*cmd[: cmd.index("--out") + 1], str(tmp_path / "empty"), *cmd[cmd.index("--out") + 2 :], "--resume"]
+    proc = subprocess.run(bad, capture_output=True, text=True, env=env, timeout=500)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: --resume: no checkpoint")
+    assert len(proc.stderr.strip().splitlines()) == 1
