@@ -107,7 +107,9 @@ def build(
         str, typer.Option(help="fp32 | fp16 | int8-pixel | int8-channel | gap-u8 | gap-u16.")
     ] = "gap-u8",
     logits_clip: Annotated[float | None, typer.Option(help="gap codecs: largest stored gap (default 32 / 64).")] = None,
-    features_codec: Annotated[str, typer.Option(help="fp32 | fp16 | int8 | pcaK (e.g. pca64).")] = "fp16",
+    features_codec: Annotated[
+        str, typer.Option(help="fp16 | int8 (per entry and channel) | fp32 | pcaK (e.g. pca64).")
+    ] = "fp16",
     no_features: Annotated[bool, typer.Option("--no-features", help="Store logits only (no pair-wise loss).")] = False,
     features_pool: Annotated[str, typer.Option(help="max (official) | avg (paper).")] = "max",
     features_block: Annotated[
