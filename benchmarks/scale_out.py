@@ -1,6 +1,6 @@
 """Scale-out on one machine: dask build with 2 workers vs 1, DDP training with 2 processes vs 1.
 
-    python benchmarks/distributed.py        # ~6 min on 2 CPU cores
+    python benchmarks/scale_out.py        # ~6 min on 2 CPU cores
 
 Build: the same images and small teacher (psp34_mini) through ``build_cache_distributed`` with one
 and with two local workers (each worker gets cores / workers torch threads), side by side, twice;
@@ -105,7 +105,7 @@ def main() -> None:
             print(f"  {n} process{'es' if n > 1 else ''}: {r:.2f} samples/s")
         print(f"  2 / 1 throughput = {rates[2] / rates[1]:.2f}x")
     path = save(
-        "distributed",
+        "scale_out",
         {
             "images": args.images,
             "size": [h, w],
