@@ -270,6 +270,10 @@ def demo(
         table.add_row(r["run"], r["losses"], f"{100 * r['miou']:.2f}", f"{r['train_seconds']:.0f} s", size)
     console.print(table)
     console.print("KD students: official pair-wise and holistic weights, pixel-wise --pixel-mode kl --lambda-pi 1")
+    console.print(
+        "one seed each: on this data students differ by a point or two from seed to seed, so read the KD rows "
+        "against docs/benchmarks.md section 5 (three seeds, a stronger teacher, the online-teacher reference)"
+    )
     fid = summary["cache_fidelity"]
     console.print(
         f"cache {summary['cache']}: built in {summary['build_seconds']:.1f} s; codec KL(T=1) "

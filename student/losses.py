@@ -238,15 +238,23 @@ class HolisticLoss(nn.Module):
     ) -> Tensor:
         """The student's adversarial term ``−mean D(z_S)`` (unweighted).
 
-        The gradient flows through the critic into the student logits. It also reaches the critic's
-        parameters (as in the official code): zero the critic's gradients before its own step.
+        The gradient flows through the critic into the student logits only. The official code also
+        computes gradients for the critic's parameters here and zeroes them before the critic's step;
+        skd freezes the parameters for this forward instead (same update, half the backward's work).
 
         Args:
             student_logits: ``(B, K, h, w)``.
             teacher_grid_size: the teacher logits' ``(H, W)`` (the critic's grid).
             image: conditioning image, for a critic built with ``image_channels``.
         """
-        return SF.generator_loss(self.critic, SF.align_to(student_logits, teacher_grid_size), image)
+        params = [p for p in self.critic.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return SF.generator_loss(self.critic, SF.align_to(student_logits, teacher_grid_size), image)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def critic_term(
         self,

@@ -291,7 +291,7 @@ def train_step(s: Setup, batch: TrainBatch, step: int) -> dict[str, float]:
         if cfg.critic_optimizer == "sgd":
             for g in s.critic_optimizer.param_groups:
                 g["lr"] = poly_lr(cfg.critic_lr, step, cfg.iters, cfg.poly_power)
-        s.critic_optimizer.zero_grad(set_to_none=True)  # drops the generator term's critic grads
+        s.critic_optimizer.zero_grad(set_to_none=True)
         d_loss, parts = s.holistic.critic_term(out.logits.float(), targets.logits.float(), image)
         d_loss = w.lambda_d * d_loss
         if not math.isfinite(float(d_loss.detach())):

@@ -178,6 +178,8 @@ def test_generator_term_reaches_the_student():
     g.backward()
     assert g.dim() == 0
     assert student.grad is not None and torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    # the critic's parameters get no gradient from the student's term, and stay trainable
+    assert all(p.grad is None and p.requires_grad for p in holistic.critic.parameters())
 
 
 @pytest.mark.parametrize("kind", ["wgan-gp", "hinge"])
