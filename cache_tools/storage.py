@@ -287,7 +287,13 @@ def _describe(exc: BaseException) -> str | None:
         return "no space left on the destination device"
     if isinstance(exc, OSError) and exc.errno in (errno.EROFS,):
         return "the destination is on a read-only file system"
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EDQUOT):
+    if isinstance(exc, OSError) and exc.errno in (
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+        errno.EDQUOT,
+    ):
         return f"{exc.strerror.lower()}: {exc.filename}" if exc.strerror else text
     if isinstance(exc, ImportError) and "s3fs" in text:
         return "s3:// URLs need the s3fs package: pip install 'skd[s3]'"
