@@ -21,6 +21,13 @@ Logit codecs (input ``(..., K, h, w)``):
   (others are at least 1), so the decoded argmax is always the teacher's.
 * ``gap-u16`` -- the same with linear 16-bit gaps: near-lossless.
 
+The gap codecs' codes are smooth over the image (neighbouring nodes see the same classes), so they
+are stored after a lossless **2-D difference** (``predictor: delta2d``, the default): the part
+``dq = Δ_h Δ_w q`` (differences of neighbours along w, then along h, the first row and column against
+0, in the code's unsigned integer arithmetic, i.e. modulo 256 or 65536), and
+``q = cumsum_h cumsum_w dq`` in the same arithmetic. zstd compresses ``dq`` 1.3–1.5× better than
+``q`` (docs/benchmarks.md). Stores without ``predictor`` (or with ``none``) hold ``q`` itself.
+
 Feature codecs (input ``(..., C, hp, wp)``): ``fp32``, ``fp16``, ``int8`` (per-entry, per-channel
 affine) and ``pca`` (projection on a k-dimensional basis stored in the store, fp16 coefficients).
 
@@ -29,8 +36,8 @@ Example:
     >>> codec = make_logit_codec("gap-u8")
     >>> z = np.array([[[3.0]], [[1.0]], [[-2.0]]], dtype=np.float32)  # K=3, 1x1
     >>> parts, clipped = codec.encode(z)
-    >>> sorted(parts), parts["q"].ravel().tolist(), clipped
-    (['q', 'top'], [0, 72, 144], 0)
+    >>> sorted(parts), parts["dq"].ravel().tolist(), clipped
+    (['dq', 'top'], [0, 72, 144], 0)
     >>> [round(float(v), 2) for v in codec.decode(parts).ravel()]
     [3.0, 1.01, -1.99]
 """
@@ -56,6 +63,8 @@ __all__ = [
 ]
 
 _F16_MAX = 65504.0
+#: Lossless predictors for integer code parts: "none" stores the codes, "delta2d" their 2-D difference.
+PREDICTORS = ("none", "delta2d")
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,14 @@ def _affine_u8(x: np.ndarray, axes: tuple[int, ...]) -> dict[str, np.ndarray]:
 class LogitCodec:
     """Encode/decode logits ``(..., K, h, w)`` float32 to parts and back."""
 
-    def __init__(self, name: str, clip: float | None = None, top_dtype: str = "float16", scale: float | None = None):
+    def __init__(
+        self,
+        name: str,
+        clip: float | None = None,
+        top_dtype: str = "float16",
+        scale: float | None = None,
+        predictor: str | None = None,
+    ):
         if name not in LOGIT_CODECS:
             raise SchemaError(f"unknown logits codec {name!r}; choose one of {', '.join(LOGIT_CODECS)}")
         self.name = name
@@ -103,20 +119,45 @@ class LogitCodec:
         if top_dtype not in ("float16", "float32"):
             raise SchemaError("top_dtype must be float16 or float32")
         self.top_dtype = top_dtype
+        gap = name.startswith("gap")
+        if predictor is None:
+            predictor = "delta2d" if gap else "none"
+        if predictor not in PREDICTORS or (predictor != "none" and not gap):
+            raise SchemaError(f"predictor {predictor!r} is not available for {name}; gap codecs take none or delta2d")
+        self.predictor = predictor
+
+    @property
+    def code_part(self) -> str:
+        """Name of the integer code part of a gap codec: ``dq`` behind the 2-D difference, else ``q``."""
+        return "dq" if self.predictor == "delta2d" else "q"
 
     @property
     def params(self) -> dict:
+        extra = {"predictor": self.predictor} if self.predictor != "none" else {}
         if self.name == "gap-u8":
-            return {"clip": self.clip, "scale": self.scale, "top_dtype": self.top_dtype}
+            return {"clip": self.clip, "scale": self.scale, "top_dtype": self.top_dtype, **extra}
         if self.name == "gap-u16":
-            return {"clip": self.clip, "top_dtype": self.top_dtype}
+            return {"clip": self.clip, "top_dtype": self.top_dtype, **extra}
         return {}
 
     @classmethod
     def from_params(cls, name: str, params: dict) -> LogitCodec:
+        """The codec a store describes. Unknown parameters are refused (a reader that ignored one could
+        decode garbage); a gap store without ``predictor`` predates it and holds plain codes."""
+        known = {"gap-u8": {"clip", "scale", "top_dtype", "predictor"}, "gap-u16": {"clip", "top_dtype", "predictor"}}
+        unknown = sorted(set(params) - known.get(name, set()))
+        if unknown:
+            raise SchemaError(
+                f"logits codec {name} has parameter(s) {', '.join(unknown)} this version of skd does not know; "
+                "upgrade skd to read this cache"
+            )
         if name.startswith("gap"):
             return cls(
-                name, clip=params.get("clip"), top_dtype=params.get("top_dtype", "float16"), scale=params.get("scale")
+                name,
+                clip=params.get("clip"),
+                top_dtype=params.get("top_dtype", "float16"),
+                scale=params.get("scale"),
+                predictor=params.get("predictor", "none"),
             )
         return cls(name)
 
@@ -143,7 +184,7 @@ class LogitCodec:
         if n == "int8-channel":
             return {"q": Part((k, h, w), "uint8"), "lo": Part((k,), "float32"), "step": Part((k,), "float32")}
         code = "uint8" if n == "gap-u8" else "uint16"
-        return {"q": Part((k, h, w), code), "top": Part((h, w), self.top_dtype)}
+        return {self.code_part: Part((k, h, w), code), "top": Part((h, w), self.top_dtype)}
 
     def encode(self, z: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
         """Returns (parts, number of clipped values)."""
@@ -178,6 +219,8 @@ class LogitCodec:
         if self.top_dtype == "float16":
             top, over = _to_f16(top)
             clipped += over
+        if self.predictor == "delta2d":
+            return {"dq": delta2d(q), "top": top.astype(self.top_dtype)}, clipped
         return {"q": q, "top": top.astype(self.top_dtype)}, clipped
 
     def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -190,7 +233,7 @@ class LogitCodec:
             lo = parts["lo"][..., :, None, None]
             step = parts["step"][..., :, None, None]
             return lo + parts["q"].astype(np.float32) * step
-        q = parts["q"].astype(np.float32)
+        q = (undelta2d(parts["dq"]) if self.predictor == "delta2d" else parts["q"]).astype(np.float32)
         if n == "gap-u8":
             gap = self._expand(q * (1.0 / 255.0)).astype(np.float32)
         else:
@@ -207,6 +250,17 @@ class LogitCodec:
             "gap-u8": f"u = (1-exp(-g/{self.scale}))/(1-exp(-{self.clip}/{self.scale})) to 1/510; gaps over {self.clip} clipped",
             "gap-u16": f"gap error <= {self.clip}/131070; gaps over {self.clip} clipped",
         }[self.name]
+
+
+def delta2d(q: np.ndarray) -> np.ndarray:
+    """Lossless 2-D difference of unsigned integer codes over the last two axes (wraps modulo 2^bits)."""
+    d = np.diff(q, axis=-1, prepend=np.zeros_like(q[..., :1]))
+    return np.diff(d, axis=-2, prepend=np.zeros_like(d[..., :1, :]))
+
+
+def undelta2d(d: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`delta2d`: cumulative sums over h then w in the codes' own dtype."""
+    return np.cumsum(np.cumsum(d, axis=-2, dtype=d.dtype), axis=-1, dtype=d.dtype)
 
 
 def parse_feature_codec(text: str) -> tuple[str, int | None]:

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cache_tools.codecs import FeatureCodec, LogitCodec, fit_pca, parse_feature_codec
+from cache_tools.codecs import FeatureCodec, LogitCodec, delta2d, fit_pca, parse_feature_codec, undelta2d
 from cache_tools.errors import SchemaError
 from cache_tools.fidelity import compose_nodes, cosine_matrix, kl_per_pixel, node_windows, pool_cells
 
@@ -46,7 +46,7 @@ def test_int8_channel_bound(z):
 
 @given(logit_maps, st.sampled_from(["gap-u8", "gap-u16"]))
 def test_gap_codecs_keep_argmax_and_bound(z, name):
-    codec = LogitCodec(name, top_dtype="float32")
+    codec = LogitCodec(name, top_dtype="float32", predictor="none")
     parts, clipped = codec.encode(z)
     out = codec.decode(parts)
     # the argmax is exact by construction
@@ -86,8 +86,56 @@ def test_gap_u8_error_is_smallest_near_the_top():
 def test_gap_u8_doc_example():
     codec = LogitCodec("gap-u8")
     parts, _ = codec.encode(np.array([[[3.0]], [[1.0]], [[-2.0]]], np.float32))
-    assert parts["q"].ravel().tolist() == [0, 72, 144]
-    assert parts["q"].dtype == np.uint8 and parts["top"].dtype == np.float16
+    assert parts["dq"].ravel().tolist() == [0, 72, 144]  # one node: the difference is the code itself
+    assert parts["dq"].dtype == np.uint8 and parts["top"].dtype == np.float16
+
+
+@given(logit_maps, st.sampled_from(["gap-u8", "gap-u16"]))
+def test_delta2d_predictor_is_lossless(z, name):
+    with_delta, plain = LogitCodec(name), LogitCodec(name, predictor="none")
+    assert with_delta.predictor == "delta2d" and with_delta.params["predictor"] == "delta2d"
+    dp, _ = with_delta.encode(z)
+    pp, _ = plain.encode(z)
+    assert set(dp) == {"dq", "top"} and set(pp) == {"q", "top"} and dp["dq"].dtype == pp["q"].dtype
+    # the documented rule, in plain numpy: cumulative sums over h then w in the codes' dtype
+    q = np.cumsum(np.cumsum(dp["dq"], axis=-2, dtype=dp["dq"].dtype), axis=-1, dtype=dp["dq"].dtype)
+    assert np.array_equal(q, pp["q"])
+    assert np.array_equal(with_delta.decode(dp), plain.decode(pp))
+
+
+def test_delta2d_wraps_and_batches():
+    rng = np.random.default_rng(0)
+    for dtype in (np.uint8, np.uint16):
+        q = rng.integers(0, np.iinfo(dtype).max, (2, 3, 5, 7), endpoint=True).astype(dtype)
+        d = delta2d(q)
+        assert d.dtype == dtype and np.array_equal(undelta2d(d), q)
+        assert np.array_equal(undelta2d(d[1]), q[1])  # leading axes are independent
+
+
+def test_delta2d_compresses_smooth_codes():
+    import numcodecs
+
+    yy, xx = np.mgrid[0:65, 0:65].astype(np.float32)
+    z = np.stack([np.sin(yy / (7 + c)) * 4 + np.cos(xx / (5 + c)) * 3 for c in range(19)])
+    zstd = numcodecs.Zstd(3)
+    size = {
+        p: len(zstd.encode(LogitCodec("gap-u8", predictor=p).encode(z)[0]["dq" if p == "delta2d" else "q"]))
+        for p in ("none", "delta2d")
+    }
+    assert size["delta2d"] < 0.8 * size["none"]
+
+
+def test_old_gap_params_mean_plain_codes_and_unknown_params_are_refused():
+    old = LogitCodec.from_params("gap-u8", {"clip": 48.0, "scale": 6.0, "top_dtype": "float16"})
+    assert old.predictor == "none" and "q" in old.parts(3, 4, 5) and "predictor" not in old.params
+    new = LogitCodec.from_params("gap-u8", LogitCodec("gap-u8").params)
+    assert new.predictor == "delta2d" and "dq" in new.parts(3, 4, 5)
+    with pytest.raises(SchemaError, match="predictor 'paeth'"):
+        LogitCodec.from_params("gap-u8", {"predictor": "paeth"})
+    with pytest.raises(SchemaError, match=r"parameter\(s\) entropy_coder .*upgrade skd"):
+        LogitCodec.from_params("gap-u8", {"clip": 48.0, "entropy_coder": "ans"})
+    with pytest.raises(SchemaError, match="not available for fp16"):
+        LogitCodec("fp16", predictor="delta2d")
 
 
 def test_gap_ties_keep_first_argmax():

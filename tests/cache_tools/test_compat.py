@@ -27,7 +27,7 @@ def test_the_fixture_is_of_the_current_version():
     assert {d["format_version"] for d in EXPECTED.values()} == {FORMAT_VERSION}
 
 
-@pytest.mark.parametrize("name", ["dense", "views"])
+@pytest.mark.parametrize("name", ["dense", "views", "dense_delta2d"])
 def test_v1_fixture_decodes_exactly(name):
     want = EXPECTED[name]
     r = open_cache(FIXTURES / f"{name}.zarr")
@@ -51,7 +51,7 @@ def test_v1_fixture_decodes_exactly(name):
         assert float(entry.feature.astype(np.float64).sum()) == pytest.approx(exp["feature_sum"], rel=1e-6, abs=1e-4)
 
 
-@pytest.mark.parametrize("name", ["dense", "views"])
+@pytest.mark.parametrize("name", ["dense", "views", "dense_delta2d"])
 def test_v1_fixture_passes_the_team_tools(name):
     url = str(FIXTURES / f"{name}.zarr")
     assert verify_cache(url).sound

@@ -20,7 +20,7 @@ def test_describe_a_views_cache(label_caches):
     assert d["dataset"]["name"] == "cityscapes" and d["images"] == 6 and d["classes"] == 19
     assert d["dataset"]["splits"] == ["train"] and d["dataset"]["class_names"][0] == "road"
     arrays = {a["path"]: a for a in d["arrays"]}
-    q = arrays["logits/q"]
+    q = arrays["logits/dq"]
     assert q["dtype"] == "uint8" and q["shape"] == [18, 19, 7, 9] and q["shards"] == [6, 19, 7, 9]
     assert q["codecs"] == ["sharding_indexed", "bytes", "zstd(level=3)"] and q["bytes"] > 0
     assert d["bytes_per_image"] == pytest.approx(3 * d["bytes_per_entry"])
@@ -38,7 +38,7 @@ def test_info_text_and_json(label_caches, capsys):
         "dataset cityscapes",
         "19 classes (road, sidewalk",
         "logits: codec gap-u8",
-        "logits/q",
+        "logits/dq",
         "per image",
         "fidelity on 6 entries",
         "built by skd",

@@ -80,7 +80,7 @@ def test_copy_local_s3_local_and_cli(s3, local_cache, tmp_path, capsys, monkeypa
     # resumable: objects lost at the destination are copied again, nothing else
     fs = s3.client()
     bucket = s3.bucket.removeprefix("s3://")
-    for key in ("copy.zarr/logits/q/c/1/0/0/0", "copy.zarr/zarr.json"):
+    for key in ("copy.zarr/logits/dq/c/1/0/0/0", "copy.zarr/zarr.json"):
         fs.delete_object(Bucket=bucket, Key=key)
     again = copy_cache(local_cache, remote, storage_options=s3.storage_options)
     assert again.copied == 2 and again.skipped == rep.objects - 2

@@ -79,7 +79,7 @@ def test_plain_zarr_reads_every_array(tmp_path):
     make_synthetic_cache(url)
     g = zarr.open_group(url, mode="r")
     assert g.attrs[ROOT_ATTR]["format_version"] == 1
-    q = g["logits/q"][0]
+    q = g["logits/dq"][0]
     assert q.dtype == np.uint8 and q.shape == (5, 9, 17)
     assert g[Arrays.ENTRY_DONE][...].all()
 
@@ -95,10 +95,10 @@ def test_resume_and_config_mismatch(tmp_path):
     with pytest.raises(IncompleteCacheError, match="never written"):
         partial.read_entry(2)
     # same configuration: resumed, the finished shards are kept
-    before = zarr.open_group(url)["logits/q"][0].copy()
+    before = zarr.open_group(url)["logits/dq"][0].copy()
     writer2, _ = make_synthetic_cache(url, schema, shards=[1], finalize=False)
     assert writer2.pending_shards() == []
-    np.testing.assert_array_equal(zarr.open_group(url)["logits/q"][0], before)
+    np.testing.assert_array_equal(zarr.open_group(url)["logits/dq"][0], before)
     writer2.finalize()
     assert open_cache(url).schema.status == "complete"
     # another configuration: refused, nothing touched
@@ -135,7 +135,7 @@ def test_open_errors(tmp_path):
 def test_corrupt_chunk_is_reported(tmp_path):
     url = tmp_path / "c.zarr"
     make_synthetic_cache(str(url))
-    shard = sorted((url / "logits" / "q" / "c").rglob("*"))
+    shard = sorted((url / "logits" / "dq" / "c").rglob("*"))
     files = [p for p in shard if p.is_file()]
     data = bytearray(files[0].read_bytes())
     data[40:60] = bytes(20)

@@ -77,7 +77,7 @@ def test_copy_is_exact_and_resumable(src, tmp_path, monkeypatch):
     again = copy_cache(src, str(dst))
     assert again.copied == 0 and again.skipped == rep.objects
     # a damaged shard of the same size: found by verify, repaired by --checksum
-    shard = next(p for p in sorted((dst / "logits" / "q").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    shard = next(p for p in sorted((dst / "logits" / "dq").rglob("*")) if p.is_file() and p.name != "zarr.json")
     data = bytearray(shard.read_bytes())
     data[25] ^= 0xFF
     shard.write_bytes(bytes(data))

@@ -78,7 +78,7 @@ def test_a_missing_shard_object_is_partial(store):
 
 def test_a_missing_inner_chunk_is_partial(store):
     """The shard exists, but its index says entry 3's chunk was never written."""
-    f = _shard_file(store, "logits/q", 1)
+    f = _shard_file(store, "logits/dq", 1)
     data = bytearray(f.read_bytes())
     n = 2  # entries per shard
     index = np.frombuffer(bytes(data[-(16 * n + 4) : -4]), dtype="<u8").reshape(n, 2).copy()
@@ -88,11 +88,11 @@ def test_a_missing_inner_chunk_is_partial(store):
     f.write_bytes(bytes(data))
     report = verify_cache(str(store))
     assert report.partial == [IDS[3]] and report.corrupt == []
-    assert "chunk of logits/q is missing from the shard" in report.problems[0].reason
+    assert "chunk of logits/dq is missing from the shard" in report.problems[0].reason
 
 
 def test_flipped_bytes_are_corrupt(store):
-    f = _shard_file(store, "logits/q", 2)
+    f = _shard_file(store, "logits/dq", 2)
     data = bytearray(f.read_bytes())
     data[20:30] = bytes(b ^ 0xFF for b in data[20:30])
     f.write_bytes(bytes(data))
@@ -141,7 +141,7 @@ def test_cli_exit_codes_and_json(store, capsys):
     main(["verify", str(store)])  # a sound cache: returns (exit status 0)
     out = capsys.readouterr()
     assert "sound: 6 entries" in out.out and "checked 6 entries" in out.out
-    _shard_file(store, "logits/q", 0).unlink()
+    _shard_file(store, "logits/dq", 0).unlink()
     with pytest.raises(SystemExit) as ex:
         main(["verify", str(store)])
     assert ex.value.code == 1

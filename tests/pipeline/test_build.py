@@ -146,12 +146,12 @@ def test_slide_inference_with_a_tile_covering_the_image_equals_whole(sample_root
 def test_resume_and_configuration_rules(sample_root, tmp_path):
     out = tmp_path / "r.zarr"
     build_cache(_config(sample_root, out))
-    before = zarr.open_group(str(out))["logits/q"][...]
+    before = zarr.open_group(str(out))["logits/dq"][...]
     again = build_cache(_config(sample_root, out))
     assert again.resumed and again.entries_written == 0
     with pytest.raises(ConfigMismatchError, match="different configuration"):
         build_cache(_config(sample_root, out, logits_codec="fp16"))
-    np.testing.assert_array_equal(zarr.open_group(str(out))["logits/q"][...], before)
+    np.testing.assert_array_equal(zarr.open_group(str(out))["logits/dq"][...], before)
     build_cache(_config(sample_root, out, logits_codec="fp16", overwrite=True))
     assert open_cache(str(out)).schema.logits.codec == "fp16"
 
@@ -160,7 +160,7 @@ def test_random_weights_are_reproducible(sample_root, tmp_path):
     build_cache(_config(sample_root, tmp_path / "a.zarr"))
     build_cache(_config(sample_root, tmp_path / "b.zarr"))
     a, b = zarr.open_group(str(tmp_path / "a.zarr")), zarr.open_group(str(tmp_path / "b.zarr"))
-    for path in ("logits/q", "logits/top", "features/data", "entries/checksum"):
+    for path in ("logits/dq", "logits/top", "features/data", "entries/checksum"):
         np.testing.assert_array_equal(a[path][...], b[path][...])
 
 

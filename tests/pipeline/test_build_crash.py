@@ -86,7 +86,7 @@ def test_sigkill_mid_build_then_resume_gives_identical_bytes(tmp_path):
     assert '"resumed": true' in resumed.stdout
 
     a, b = zarr.open_group(str(reference), mode="r"), zarr.open_group(str(killed), mode="r")
-    for path in ("logits/q", "logits/top", "features/data", "entries/checksum", "images/sha256", "entries/done"):
+    for path in ("logits/dq", "logits/top", "features/data", "entries/checksum", "images/sha256", "entries/done"):
         np.testing.assert_array_equal(a[path][...], b[path][...], err_msg=path)
     assert _data_files(reference) == _data_files(killed)
     r = open_cache(str(killed))

@@ -20,7 +20,7 @@ from pipeline.distributed import build_cache_distributed
 
 distributed = pytest.importorskip("distributed")
 
-ARRAYS = ("logits/q", "logits/top", "features/data", "entries/checksum", "images/sha256", "entries/fidelity")
+ARRAYS = ("logits/dq", "logits/top", "features/data", "entries/checksum", "images/sha256", "entries/fidelity")
 
 
 @pytest.fixture(scope="module")

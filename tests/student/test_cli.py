@@ -93,7 +93,7 @@ def test_a_corrupt_chunk_stops_training_with_one_line(sample_root, caches, tmp_p
 
     url = tmp_path / "corrupt.zarr"
     shutil.copytree(caches / "dense.zarr", url)
-    for shard in sorted((url / "logits" / "q" / "c").rglob("*")):
+    for shard in sorted((url / "logits" / "dq" / "c").rglob("*")):
         if shard.is_file():
             data = bytearray(shard.read_bytes())
             data[30:400] = bytes(370)  # zero the start of the shard: every chunk in it is damaged
