@@ -14,7 +14,7 @@ Sources (no Cityscapes teacher can be downloaded here, so both are stated plainl
   table is repeated with its logits sharpened (multiplied by 2 and 3; same argmax).
 
 Every configuration is written as a real store through the library's writer (one chunk per entry,
-sharded, zstd-3 by default), so the bytes are bytes on disk; fidelity is what the build records.
+sharded, zstd-1 by default), so the bytes are bytes on disk; fidelity is what the build records.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def main() -> None:
                 **{k: f[k] for k in ("kl_t1_mean", "kl_t1_max", "kl_t4_mean", "kl_t4_max", "argmax_agreement")},
             }
         )
-    print("\nlogits 19x129x257 per image (zstd-3 on disk; fp32 raw = %.2f MB)" % (fp32["logits"] / 1e6))
+    print("\nlogits 19x129x257 per image (zstd-1 on disk; fp32 raw = %.2f MB)" % (fp32["logits"] / 1e6))
     print(
         f"{'codec':14s} {'MB/img':>8s} {'x fp32':>7s} {'KL1 mean':>9s} {'KL1 max':>9s} {'KL4 mean':>9s} {'KL4 max':>9s} {'argmax %':>9s}"
     )

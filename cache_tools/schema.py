@@ -251,7 +251,7 @@ class Compressor:
     """The lossless stage applied to every part of a target (a standard zarr v3 codec)."""
 
     name: str = "zstd"
-    level: int = 3
+    level: int = 1
 
     def __post_init__(self) -> None:
         if self.name not in COMPRESSORS:
@@ -263,7 +263,7 @@ class Compressor:
     def parse(cls, text: str) -> Compressor:
         """'zstd', 'zstd:5', 'blosc-lz4:5', 'none' -> Compressor."""
         name, _, level = text.partition(":")
-        default = {"zstd": 3, "blosc-lz4": 5, "blosc-zstd": 1, "none": 0}
+        default = {"zstd": 1, "blosc-lz4": 5, "blosc-zstd": 1, "none": 0}
         if name not in default:
             raise SchemaError(f"unknown compressor {name!r}; choose one of {', '.join(COMPRESSORS)}")
         return cls(name=name, level=int(level) if level else default[name])

@@ -92,7 +92,7 @@ class BuildConfig:
     features_codec: str = "fp16"
     features_pool: str = "max"
     features_block: tuple[int, int] | None = None
-    compressor: str = "zstd:3"
+    compressor: str = "zstd:1"
     shard_images: int | None = None
     # execution
     batch_size: int = 8

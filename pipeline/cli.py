@@ -117,7 +117,7 @@ def build(
     ] = None,
     compressor: Annotated[
         str, typer.Option(help="zstd[:level] | blosc-lz4[:level] | blosc-zstd[:level] | none.")
-    ] = "zstd:3",
+    ] = "zstd:1",
     shard_size: Annotated[int | None, typer.Option(help="Images per shard (default: ~32 MB shards).")] = None,
     batch_size: Annotated[int, typer.Option(help="Teacher batch (views mode).")] = 8,
     loader_workers: Annotated[int, typer.Option(help="Image-decoding processes.")] = 2,

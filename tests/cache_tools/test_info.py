@@ -22,7 +22,7 @@ def test_describe_a_views_cache(label_caches):
     arrays = {a["path"]: a for a in d["arrays"]}
     q = arrays["logits/dq"]
     assert q["dtype"] == "uint8" and q["shape"] == [18, 19, 7, 9] and q["shards"] == [6, 19, 7, 9]
-    assert q["codecs"] == ["sharding_indexed", "bytes", "zstd(level=3)"] and q["bytes"] > 0
+    assert q["codecs"] == ["sharding_indexed", "bytes", "zstd(level=1)"] and q["bytes"] > 0
     assert d["bytes_per_image"] == pytest.approx(3 * d["bytes_per_entry"])
     assert d["bytes_per_entry"] == pytest.approx(d["bytes_logits_per_entry"] + d["bytes_features_per_entry"])
     assert d["fidelity"]["sampled_entries"] == 18 and d["tool_version"] and d["created"] and d["completed"]
