@@ -25,7 +25,7 @@ The gap codecs' codes are smooth over the image (neighbouring nodes see the same
 are stored after a lossless **2-D difference** (``predictor: delta2d``, the default): the part
 ``dq = Δ_h Δ_w q`` (differences of neighbours along w, then along h, the first row and column against
 0, in the code's unsigned integer arithmetic, i.e. modulo 256 or 65536), and
-``q = cumsum_h cumsum_w dq`` in the same arithmetic. zstd compresses ``dq`` 1.3–1.5× better than
+``q = cumsum_h cumsum_w dq`` in the same arithmetic. zstd-1 compresses ``dq`` ≈1.5× better than
 ``q`` (docs/benchmarks.md). Stores without ``predictor`` (or with ``none``) hold ``q`` itself.
 
 Feature codecs (input ``(..., C, hp, wp)``): ``fp32``, ``fp16``, ``int8`` (per-entry, per-channel
