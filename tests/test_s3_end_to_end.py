@@ -8,17 +8,8 @@ import pytest
 
 from pipeline.cli import main as skdcache
 from student.cli import main as skdstudent
+from tests.cli import run_cli as run
 from tests.s3 import moto_s3
-
-
-def run(cli, argv, capsys):
-    try:
-        cli(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.s3

@@ -11,25 +11,11 @@ import torch
 from cache_tools import open_cache
 from pipeline.cli import main
 from pipeline.teachers import create_model, save_weights
+from tests.cli import assert_one_line_error, run_cli
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 1
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in err.replace("\n", " "), err
+    return run_cli(main, argv, capsys)
 
 
 def test_teachers_and_sample_data(tmp_path, capsys):

@@ -9,26 +9,11 @@ import pytest
 from pipeline.build import BuildConfig, build_cache
 from pipeline.teachers import create_model, save_weights
 from student.cli import main
+from tests.cli import assert_one_line_error, run_cli
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 1, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    flat = err.replace("\n", " ")
-    for f in fragments:
-        assert f in flat, err
+    return run_cli(main, argv, capsys)
 
 
 @pytest.fixture(scope="module")
