@@ -292,8 +292,7 @@ def copy(
     from .transfer import copy_cache
 
     kwargs = dict(
-        storage_options=parse_storage_options(storage_option),
-        dst_storage_options=_dst_options(storage_option, dst_storage_option),
+        **_both_options(storage_option, dst_storage_option),
         overwrite=overwrite,
         checksum=checksum,
         workers=workers,
@@ -313,6 +312,24 @@ def copy(
         f"{rep.skipped} already there; every copied object read back and compared. "
         f"[bold]{rep.dst}[/] opens as a cache"
     )
+
+
+def _both_options(storage_option, dst_storage_option) -> dict:
+    """storage_options of the source and of the destination, as the transfer functions take them."""
+    return {
+        "storage_options": parse_storage_options(storage_option),
+        "dst_storage_options": _dst_options(storage_option, dst_storage_option),
+    }
+
+
+def _rewrite(fn, args: tuple, kwargs: dict, json_out: bool, label: str, verb: str) -> None:
+    """Run subset_cache / merge_caches with a progress bar and a summary, or print its JSON report."""
+    if json_out:
+        print_json(fn(*args, **kwargs).to_dict())
+        return
+    with progress_bar(label, total=None, unit="entries") as update:
+        rep = fn(*args, progress=lambda d, t: update(d, total=t), **kwargs)
+    _write_summary(rep, verb)
 
 
 def _write_summary(rep, verb: str) -> None:
@@ -364,18 +381,12 @@ def subset(
         ids=_read_ids(ids) if ids is not None else None,
         fraction=fraction,
         seed=seed,
-        storage_options=parse_storage_options(storage_option),
-        dst_storage_options=_dst_options(storage_option, dst_storage_option),
+        **_both_options(storage_option, dst_storage_option),
         shard_images=shard_size,
         overwrite=overwrite,
         workers=workers,
     )
-    if json_out:
-        print_json(subset_cache(src, dst, **kwargs).to_dict())  # type: ignore[arg-type]
-        return
-    with progress_bar("subset", total=None, unit="entries") as update:
-        rep = subset_cache(src, dst, progress=lambda d, t: update(d, total=t), **kwargs)  # type: ignore[arg-type]
-    _write_summary(rep, "wrote")
+    _rewrite(subset_cache, (src, dst), kwargs, json_out, "subset", "wrote")
 
 
 def merge(
@@ -392,18 +403,12 @@ def merge(
     from .transfer import merge_caches
 
     kwargs = dict(
-        storage_options=parse_storage_options(storage_option),
-        dst_storage_options=_dst_options(storage_option, dst_storage_option),
+        **_both_options(storage_option, dst_storage_option),
         shard_images=shard_size,
         overwrite=overwrite,
         workers=workers,
     )
-    if json_out:
-        print_json(merge_caches(dst, srcs, **kwargs).to_dict())  # type: ignore[arg-type]
-        return
-    with progress_bar("merge", total=None, unit="entries") as update:
-        rep = merge_caches(dst, srcs, progress=lambda d, t: update(d, total=t), **kwargs)  # type: ignore[arg-type]
-    _write_summary(rep, f"merged {len(srcs)} caches into")
+    _rewrite(merge_caches, (dst, srcs), kwargs, json_out, "merge", f"merged {len(srcs)} caches into")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -198,6 +198,9 @@ def test_subset_cli(src, tmp_path, capsys):
     ids.write_text("# two images\ntrain/a/a_003\n\nval/b/b_000\n")
     main(["subset", src, str(tmp_path / "s.zarr"), "--ids", str(ids)])
     assert "2 images, 4 entries" in capsys.readouterr().out
+    main(["subset", src, str(tmp_path / "j.zarr"), "--split", "val", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == len(open_cache(str(tmp_path / "j.zarr")).image_ids) > 0
     with pytest.raises(SystemExit) as ex:
         main(["subset", src, str(tmp_path / "t.zarr"), "--split", "val", "--fraction", "0.5"])
     assert ex.value.code == 1 and "exactly one of" in capsys.readouterr().err
