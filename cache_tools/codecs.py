@@ -144,8 +144,7 @@ class LogitCodec:
     def from_params(cls, name: str, params: dict) -> LogitCodec:
         """The codec a store describes. Unknown parameters are refused (a reader that ignored one could
         decode garbage); a gap store without ``predictor`` predates it and holds plain codes."""
-        known = {"gap-u8": {"clip", "scale", "top_dtype", "predictor"}, "gap-u16": {"clip", "top_dtype", "predictor"}}
-        unknown = sorted(set(params) - known.get(name, set()))
+        unknown = sorted(set(params) - set(cls(name).params))  # a default codec lists every key it takes
         if unknown:
             raise SchemaError(
                 f"logits codec {name} has parameter(s) {', '.join(unknown)} this version of skd does not know; "
@@ -219,9 +218,8 @@ class LogitCodec:
         if self.top_dtype == "float16":
             top, over = _to_f16(top)
             clipped += over
-        if self.predictor == "delta2d":
-            return {"dq": delta2d(q), "top": top.astype(self.top_dtype)}, clipped
-        return {"q": q, "top": top.astype(self.top_dtype)}, clipped
+        codes = delta2d(q) if self.predictor == "delta2d" else q
+        return {self.code_part: codes, "top": top.astype(self.top_dtype)}, clipped
 
     def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
         n = self.name
@@ -233,7 +231,8 @@ class LogitCodec:
             lo = parts["lo"][..., :, None, None]
             step = parts["step"][..., :, None, None]
             return lo + parts["q"].astype(np.float32) * step
-        q = (undelta2d(parts["dq"]) if self.predictor == "delta2d" else parts["q"]).astype(np.float32)
+        codes = parts[self.code_part]
+        q = (undelta2d(codes) if self.predictor == "delta2d" else codes).astype(np.float32)
         if n == "gap-u8":
             gap = self._expand(q * (1.0 / 255.0)).astype(np.float32)
         else:
