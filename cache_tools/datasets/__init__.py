@@ -2,7 +2,13 @@
 
 ``open_dataset(root, splits, kind="auto")`` picks the layout: a ``leftImg8bit/`` folder means
 Cityscapes, a ``classes.txt`` means the generic folder layout. ``write_sample_dataset`` writes a small
-procedural Cityscapes-layout dataset for the demo and the tests.
+procedural Cityscapes-layout dataset for the demo and the tests (``num_extra=N`` adds an unlabelled
+``train_extra`` split).
+
+Splits may hold images without labels (Cityscapes ``train_extra``, a folder-layout split without
+``masks/{split}``); ``splits="train,train_extra"`` gives one dataset over both. ``ImageRecord.has_label``,
+``SegDataset.labelled`` and ``SegDataset.unlabelled_splits`` say which images have labels; ``load``
+returns ``None`` as the label of an unlabelled image and ``read_label`` refuses it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,15 @@
 """Cityscapes layout: ``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` + ``gtFine/.../*_gtFine_labelIds.png``.
 
+Labelled and unlabelled splits: ``train``, ``val`` and ``test`` need their ``gtFine`` labels (a
+missing one is an error: gtFine is a separate download that is easy to forget). Any other split is
+labelled when ``gtFine/{split}/`` exists (then every image needs its label) and unlabelled when it
+does not, which is the case of ``train_extra`` (the ~20,000 extra images that have only coarse
+labels): its images are read without labels, and ``gtCoarse`` is never read as fine labels.
+
+Every entry of a split folder is accounted for: an image-like file outside a city folder, a city
+entry that is a folder or not named ``*_leftImg8bit.png``, a folder named like an image and a broken
+link are errors, not skipped.
+
 Label ids are mapped to the 19 train ids through the label table of ``cityscapesscripts`` (the
 official one, not a copy): a 256-entry lookup table is built once at import. Ids that are not in the
 table are an error (a ``*_labelTrainIds.png`` passed by mistake shows up as id 255).
@@ -13,7 +23,20 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CS_LABELS
 
 from ..errors import DatasetError
-from .base import IGNORE_INDEX, ImageRecord, SegDataset, _fmt_values, check_splits, read_index_png, relative_id
+from .base import (
+    IGNORE_INDEX,
+    ImageRecord,
+    SegDataset,
+    _fmt_values,
+    check_entry,
+    check_splits,
+    has_file,
+    is_label_folder,
+    list_dir,
+    looks_like_image,
+    read_index_png,
+    relative_id,
+)
 
 __all__ = [
     "CityscapesDataset",
@@ -23,6 +46,7 @@ __all__ = [
     "VALID_LABEL_IDS",
     "IMAGE_SUFFIX",
     "LABEL_SUFFIX",
+    "FINE_SPLITS",
     "labelids_to_trainids",
 ]
 
@@ -30,6 +54,8 @@ IMAGE_DIR = "leftImg8bit"
 LABEL_DIR = "gtFine"
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
+#: Splits that always have gtFine labels: a missing label folder or file there is an error.
+FINE_SPLITS = ("train", "val", "test")
 
 
 def _build_tables() -> tuple[np.ndarray, np.ndarray, tuple[str, ...], np.ndarray, tuple[int, ...]]:
@@ -122,40 +148,55 @@ class CityscapesDataset(SegDataset):
                 f"(expected {IMAGE_DIR}/{{split}}/{{city}}/*{IMAGE_SUFFIX}); point --dataset at the Cityscapes root"
             )
         check_splits(self.splits, img_dir)
+        is_label_folder(lab_dir)  # a file named gtFine is an error, not "no labels"
         records: list[ImageRecord] = []
         for split in self.splits:
             records.extend(self._scan_split(img_dir, lab_dir, split))
         self._set_records(records)
 
     def _scan_split(self, img_dir: Path, lab_dir: Path, split: str) -> list[ImageRecord]:
-        split_dir = img_dir / split
-        images = sorted(
-            p
-            for city in split_dir.iterdir()
-            if city.is_dir() and not city.name.startswith(".")
-            for p in city.glob("*" + IMAGE_SUFFIX)
-            if p.is_file()
-        )
-        if not images:
-            raise DatasetError(
-                f"no images found under {split_dir} (expected {IMAGE_DIR}/{{split}}/{{city}}/*{IMAGE_SUFFIX})"
-            )
+        images = self._split_images(img_dir / split, split)
+        labelled = is_label_folder(lab_dir / split) or split in FINE_SPLITS
         out: list[ImageRecord] = []
         missing: list[Path] = []
         for p in images:
             rel_id = relative_id(p, img_dir, IMAGE_SUFFIX)
-            stem = p.name[: -len(IMAGE_SUFFIX)]
-            label = lab_dir / split / p.parent.name / (stem + LABEL_SUFFIX)
-            if not label.is_file():
-                missing.append(label)
+            label = None
+            if labelled:
+                label = lab_dir / split / p.parent.name / (p.name[: -len(IMAGE_SUFFIX)] + LABEL_SUFFIX)
+                if not has_file(label):
+                    missing.append(label)
             out.append(ImageRecord(id=rel_id, split=split, image_path=p, label_path=label))
         if missing:
+            where = "" if split in FINE_SPLITS else f", or remove {LABEL_DIR}/{split}/ to use the split without labels"
             raise DatasetError(
                 f"{len(missing)} of {len(images)} images in split {split!r} have no label file, e.g. "
                 f"{missing[0]} (expected {LABEL_DIR}/{{split}}/{{city}}/*{LABEL_SUFFIX} next to "
-                f"{IMAGE_DIR}/); unpack gtFine into {self.root}"
+                f"{IMAGE_DIR}/); unpack gtFine into {self.root}{where}"
             )
         return out
+
+    def _split_images(self, split_dir: Path, split: str) -> list[Path]:
+        """The ``*_leftImg8bit.png`` files of the city folders; anything image-like elsewhere is an error."""
+        layout = f"{IMAGE_DIR}/{split}/{{city}}/*{IMAGE_SUFFIX}"
+        images: list[Path] = []
+        for city in list_dir(split_dir):
+            if not city.is_dir():
+                if looks_like_image(city):
+                    raise DatasetError(f"{city} is not in a city folder; move it to {layout}")
+                continue
+            for p in list_dir(city):
+                if p.name.endswith(IMAGE_SUFFIX):
+                    images.append(check_entry(p))
+                elif p.is_dir():
+                    raise DatasetError(f"{p} is a folder inside a city folder; images go directly in {layout}")
+                elif looks_like_image(p):
+                    raise DatasetError(f"{p} is not named *{IMAGE_SUFFIX}; rename it or move it out of {split_dir}")
+        if not images:
+            raise DatasetError(
+                f"no images found under {split_dir} (expected {IMAGE_DIR}/{{split}}/{{city}}/*{IMAGE_SUFFIX})"
+            )
+        return images
 
     def _convert_label(self, path: Path) -> np.ndarray:
         arr, mode = read_index_png(path, "label", allow_wide=True)

@@ -10,6 +10,11 @@
 
 A mask pixel holds the class index; 255 is ignore. Palette ("P") PNGs are read as their indices
 (like VOC's ``SegmentationClass``), grayscale ("L") PNGs as their values. RGB masks are refused.
+
+A split without a ``masks/{split}/`` folder (or a root without ``masks/``) is an unlabelled split:
+its images are read without labels. When ``masks/{split}/`` exists, every image needs its mask.
+Folder links are followed. Image files that would be skipped are errors instead: another image
+format (.bmp, .tif, .webp...), a folder named like an image, a broken link.
 """
 
 from __future__ import annotations
@@ -20,7 +25,20 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
-from .base import IGNORE_INDEX, ImageRecord, SegDataset, _fmt_values, check_splits, read_index_png, relative_id
+from .base import (
+    IGNORE_INDEX,
+    ImageRecord,
+    SegDataset,
+    _fmt_values,
+    check_entry,
+    check_splits,
+    has_file,
+    is_label_folder,
+    looks_like_image,
+    read_index_png,
+    relative_id,
+    walk_files,
+)
 
 __all__ = ["FolderDataset", "read_classes", "read_palette", "default_palette", "IMAGE_EXTENSIONS"]
 
@@ -33,7 +51,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 def _content_lines(path: Path) -> list[tuple[int, str]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"cannot read {path}: {' '.join(str(e).split())}") from None
     out = []
@@ -105,11 +123,11 @@ class FolderDataset(SegDataset):
         if not self.root.is_dir():
             raise DatasetError(f"dataset root {self.root} does not exist or is not a folder")
         classes = self.root / CLASSES_FILE
-        if not classes.is_file():
+        if not check_entry(classes).is_file():
             raise DatasetError(f"no {CLASSES_FILE} under {self.root}; the folder layout needs one class name per line")
         self.class_names = read_classes(classes)
-        pal = self.root / PALETTE_FILE
-        self.palette = read_palette(pal, self.num_classes) if pal.is_file() else default_palette(self.num_classes)
+        pal = check_entry(self.root / PALETTE_FILE)
+        self.palette = read_palette(pal, self.num_classes) if pal.exists() else default_palette(self.num_classes)
         self.palette.flags.writeable = False
         img_dir = self.root / IMAGE_DIR
         if not img_dir.is_dir():
@@ -118,6 +136,7 @@ class FolderDataset(SegDataset):
                 f"and {MASK_DIR}/{{split}}/**/*.png)"
             )
         check_splits(self.splits, img_dir)
+        is_label_folder(self.root / MASK_DIR)  # a file named masks is an error, not "no labels"
         records: list[ImageRecord] = []
         for split in self.splits:
             records.extend(self._scan_split(img_dir, self.root / MASK_DIR, split))
@@ -125,29 +144,41 @@ class FolderDataset(SegDataset):
 
     def _scan_split(self, img_dir: Path, mask_dir: Path, split: str) -> list[ImageRecord]:
         split_dir = img_dir / split
-        images = sorted(
-            p
-            for p in split_dir.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS
-            and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(split_dir).parts)
-        )
-        if not images:
-            raise DatasetError(f"no images found under {split_dir} (expected {IMAGE_DIR}/{{split}}/**/*.png|jpg|jpeg)")
+        images = self._split_images(split_dir)
+        labelled = is_label_folder(mask_dir / split)
         out: list[ImageRecord] = []
         missing: list[Path] = []
         for p in images:
             rel_id = relative_id(p.with_suffix(""), img_dir, "")
-            mask = mask_dir / p.relative_to(img_dir).with_suffix(".png")
-            if not mask.is_file():
-                missing.append(mask)
+            mask = None
+            if labelled:
+                mask = mask_dir / p.relative_to(img_dir).with_suffix(".png")
+                if not has_file(mask):
+                    missing.append(mask)
             out.append(ImageRecord(id=rel_id, split=split, image_path=p, label_path=mask))
         if missing:
             raise DatasetError(
                 f"{len(missing)} of {len(images)} images in split {split!r} have no mask, e.g. {missing[0]} "
-                f"(expected {MASK_DIR}/{{split}}/<same path>.png for every image)"
+                f"(expected {MASK_DIR}/{{split}}/<same path>.png for every image; "
+                f"or remove {MASK_DIR}/{split}/ to use the split without labels)"
             )
         return out
+
+    @staticmethod
+    def _split_images(split_dir: Path) -> list[Path]:
+        """The .png/.jpg/.jpeg files below ``split_dir``; other image files are an error, not skipped."""
+        images: list[Path] = []
+        for p in walk_files(split_dir):
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(check_entry(p))
+            elif looks_like_image(p):
+                raise DatasetError(
+                    f"{p} is a {p.suffix} image; the folder layout reads {', '.join(IMAGE_EXTENSIONS)}: "
+                    "convert it to PNG or move it out"
+                )
+        if not images:
+            raise DatasetError(f"no images found under {split_dir} (expected {IMAGE_DIR}/{{split}}/**/*.png|jpg|jpeg)")
+        return images
 
     def _convert_label(self, path: Path) -> np.ndarray:
         arr, mode = read_index_png(path, "mask")

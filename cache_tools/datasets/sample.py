@@ -16,6 +16,12 @@ class and a larger receptive field pays off.
 Everything is vectorised numpy driven by one ``numpy.random.Generator`` per image, seeded from
 ``(seed, split, index)``: the same seed writes byte-identical files, and adding images does not
 change the earlier ones.
+
+``num_extra=N`` also writes an unlabelled split like Cityscapes' ``train_extra``: N images under
+``leftImg8bit/train_extra/{city}/`` and no ``gtFine/train_extra`` (the reader treats the split as
+images without labels). Its scenes come from their own seeds ``(seed, 2, index)``, so adding extra
+images changes no train or val file, and ``num_extra=0`` (the default) writes exactly what it did
+before the option existed.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ __all__ = [
     "SAMPLE_CLASS_IDS",
     "SAMPLE_TRAIN_IDS",
     "SAMPLE_CITIES",
+    "EXTRA_SPLIT",
     "render_scene",
     "write_sample_dataset",
 ]
@@ -67,11 +74,18 @@ SAMPLE_CLASS_IDS: dict[int, str] = {
 #: Train ids (0..18) that can appear in the sample dataset's labels (the other 6 of 19 never do).
 SAMPLE_TRAIN_IDS: tuple[int, ...] = tuple(sorted({int(ID_TO_TRAIN_ID[i]) for i in SAMPLE_CLASS_IDS} - {255}))
 #: Cities per split; train images alternate between its cities.
-SAMPLE_CITIES: dict[str, tuple[str, ...]] = {"train": ("synthtown", "procville"), "val": ("valburg",)}
+SAMPLE_CITIES: dict[str, tuple[str, ...]] = {
+    "train": ("synthtown", "procville"),
+    "val": ("valburg",),
+    "train_extra": ("extraheim", "moreton"),
+}
+#: The unlabelled split ``num_extra`` writes (images only, like Cityscapes' train_extra).
+EXTRA_SPLIT = "train_extra"
 
 MARKER = "skd_sample.json"
+_COUNT_ARG = {"train": "num_train", "val": "num_val", EXTRA_SPLIT: "num_extra"}
 _GENERATOR = "skd-sample-v1"
-_SPLIT_CODE = {"train": 0, "val": 1}
+_SPLIT_CODE = {"train": 0, "val": 1, EXTRA_SPLIT: 2}
 _FRAME = 19
 
 # per-class texture amplitudes (high-frequency additive grey, mid-frequency multiplicative)
@@ -715,7 +729,7 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-_SAMPLE_FILE = re.compile(r"(leftImg8bit|gtFine)/[a-z]+/[a-z]+/[a-z]+_\d{6}_\d{6}_(leftImg8bit|gtFine_labelIds)\.png")
+_SAMPLE_FILE = re.compile(r"(leftImg8bit|gtFine)/[a-z_]+/[a-z]+/[a-z]+_\d{6}_\d{6}_(leftImg8bit|gtFine_labelIds)\.png")
 
 
 def _clean_previous(root: Path, marker: dict) -> None:
@@ -739,20 +753,8 @@ def _clean_previous(root: Path, marker: dict) -> None:
             pass
 
 
-def write_sample_dataset(
-    root: str | Path,
-    *,
-    num_train: int = 32,
-    num_val: int = 8,
-    size: tuple[int, int] = (256, 512),
-    seed: int = 0,
-) -> dict:
-    """Write a procedural Cityscapes-layout dataset under ``root`` and return a summary.
-
-    ``root`` must be new, empty, or a sample dataset written earlier (whose files are replaced;
-    nothing else is ever deleted). Same arguments -> byte-identical files.
-    """
-    root = Path(root).expanduser()
+def _check_arguments(size: tuple[int, int], seed: int, counts: dict[str, int]) -> tuple[int, int]:
+    """(H, W) of valid arguments; DatasetError naming the first bad one."""
     try:
         h, w = (int(v) for v in size)
     except (TypeError, ValueError):
@@ -761,8 +763,17 @@ def write_sample_dataset(
         raise DatasetError(f"sample image size must be at least 8x8, got {h}x{w}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DatasetError(f"sample seed must be a non-negative integer, got {seed!r}")
-    if num_train < 0 or num_val < 0 or num_train + num_val == 0:
-        raise DatasetError(f"need at least one sample image, got num_train={num_train}, num_val={num_val}")
+    for key, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise DatasetError(f"sample image counts must be non-negative integers, got {_COUNT_ARG[key]}={n!r}")
+    if sum(counts.values()) == 0:
+        given = ", ".join(f"{_COUNT_ARG[k]}={n}" for k, n in counts.items())
+        raise DatasetError(f"need at least one sample image, got {given}")
+    return h, w
+
+
+def _clear_target(root: Path) -> None:
+    """Refuse a non-empty ``root`` that is not an earlier sample dataset; remove that one's files."""
     if root.exists() and not root.is_dir():
         raise DatasetError(f"{root} exists and is not a folder; choose a new folder for the sample dataset")
     marker_path = root / MARKER
@@ -780,18 +791,44 @@ def write_sample_dataset(
             )
         _clean_previous(root, marker)
 
-    counts = {"train": int(num_train), "val": int(num_val)}
-    plan: list[tuple[str, int, str, str]] = []  # split, index, city, stem
+
+def _plan(counts: dict[str, int]) -> list[tuple[str, int, str, str]]:
+    """(split, index, city, stem) of every image, cities alternating within a split."""
+    plan = []
     for split, n in counts.items():
         cities = SAMPLE_CITIES[split]
         for i in range(n):
             city = cities[i % len(cities)]
-            stem = f"{city}_{i // len(cities):06d}_{_FRAME:06d}"
-            plan.append((split, i, city, stem))
+            plan.append((split, i, city, f"{city}_{i // len(cities):06d}_{_FRAME:06d}"))
+    return plan
+
+
+def write_sample_dataset(
+    root: str | Path,
+    *,
+    num_train: int = 32,
+    num_val: int = 8,
+    size: tuple[int, int] = (256, 512),
+    seed: int = 0,
+    num_extra: int = 0,
+) -> dict:
+    """Write a procedural Cityscapes-layout dataset under ``root`` and return a summary.
+
+    ``root`` must be new, empty, or a sample dataset written earlier (whose files are replaced;
+    nothing else is ever deleted). Same arguments -> byte-identical files. ``num_extra`` images go
+    to the unlabelled split ``train_extra`` (images only, no gtFine files).
+    """
+    root = Path(root).expanduser()
+    counts = {"train": num_train, "val": num_val, EXTRA_SPLIT: num_extra}
+    h, w = _check_arguments(size, seed, counts)
+    _clear_target(root)
+    counts = {k: int(v) for k, v in counts.items()}
+    plan = _plan(counts)
     files = []
     for split, _, city, stem in plan:
         files.append(f"leftImg8bit/{split}/{city}/{stem}{IMAGE_SUFFIX}")
-        files.append(f"gtFine/{split}/{city}/{stem}{LABEL_SUFFIX}")
+        if split != EXTRA_SPLIT:
+            files.append(f"gtFine/{split}/{city}/{stem}{LABEL_SUFFIX}")
     summary = {
         "root": str(root.absolute()),
         "splits": {k: v for k, v in counts.items() if v > 0},
@@ -803,11 +840,12 @@ def write_sample_dataset(
         # the marker goes first, so an interrupted run can be redone in place
         marker = {"generator": _GENERATOR, **summary, "files": files}
         marker["root"] = "."
-        marker_path.write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+        (root / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
         for split, i, city, stem in plan:
             rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], i])
             image, label = _Scene(h, w, rng).render()
-            for sub, suffix, arr in (("leftImg8bit", IMAGE_SUFFIX, image), ("gtFine", LABEL_SUFFIX, label)):
+            outputs = [("leftImg8bit", IMAGE_SUFFIX, image), ("gtFine", LABEL_SUFFIX, label)]
+            for sub, suffix, arr in outputs[:1] if split == EXTRA_SPLIT else outputs:
                 d = root / sub / split / city
                 d.mkdir(parents=True, exist_ok=True)
                 (d / f"{stem}{suffix}").write_bytes(_png_bytes(arr))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from cache_tools.datasets import (
     render_scene,
     write_sample_dataset,
 )
+from cache_tools.datasets.base import decode_image
 from cache_tools.errors import DatasetError, SkdError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -459,3 +463,298 @@ def test_arrays_are_writable(sample, tmp_path):
     _voc_like(root)
     img, lab, _ = open_dataset(root).load(0)
     assert img.flags.writeable and lab is not None and lab.flags.writeable
+
+
+# ------------------------------------------------------------------------------------------------
+# image modes: read exactly as RGB, or refused with the conversion to make
+
+
+def _png_bytes(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_rgb48(h: int, w: int) -> bytes:
+    """A 16-bit-per-channel RGB PNG written by hand (Pillow cannot write one)."""
+    raw = b"".join(b"\x00" + bytes(range(w * 6)) for _ in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+_GREY = np.arange(12 * 16, dtype=np.uint8).reshape(12, 16)
+
+
+def _exact_cases() -> dict[str, tuple[bytes, np.ndarray]]:
+    grey3 = np.repeat(_GREY[..., None], 3, axis=2)
+    rgba = np.dstack([grey3, np.full_like(_GREY, 255)])
+    pal = Image.fromarray(_GREY).convert("P")
+    bits = _GREY > 100
+    return {
+        "L": (_png_bytes(Image.fromarray(_GREY)), grey3),
+        "P": (_png_bytes(pal), np.array(pal.convert("RGB"))),
+        "1": (_png_bytes(Image.fromarray(bits)), np.repeat((bits * 255).astype(np.uint8)[..., None], 3, 2)),
+        "RGBA opaque": (_png_bytes(Image.fromarray(rgba)), grey3),
+        "LA opaque": (_png_bytes(Image.fromarray(rgba).convert("LA")), grey3),
+    }
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "1", "RGBA opaque", "LA opaque"])
+def test_decode_exact_modes(mode):
+    data, expected = _exact_cases()[mode]
+    arr = decode_image(data, "x.png")
+    assert arr.dtype == np.uint8 and arr.shape == (12, 16, 3)
+    assert np.array_equal(arr, expected)
+
+
+def _refused_cases() -> dict[str, tuple[bytes, str]]:
+    transparent = Image.fromarray(_GREY).convert("P")
+    transparent.info["transparency"] = 5
+    frames = [Image.fromarray(_GREY).convert("P"), Image.fromarray(255 - _GREY).convert("P")]
+    anim = io.BytesIO()
+    frames[0].save(anim, format="PNG", save_all=True, append_images=frames[1:])
+    return {
+        "I;16": (_png_bytes(Image.fromarray(_GREY.astype(np.uint16) * 257)), "16-bit grayscale image (mode I;16)"),
+        "I": (_png_bytes(Image.fromarray(_GREY.astype(np.int32)), "TIFF"), "32-bit integer image (mode I)"),
+        "F": (_png_bytes(Image.fromarray(_GREY.astype(np.float32)), "TIFF"), "floating-point image (mode F)"),
+        "RGB48": (_png_rgb48(4, 5), "16-bit-per-channel image"),
+        "CMYK": (_png_bytes(Image.new("CMYK", (16, 12)), "JPEG"), "CMYK image; convert it to RGB"),
+        "RGBA transparent": (_png_bytes(Image.fromarray(np.dstack([_GREY] * 4))), "transparent pixels (mode RGBA)"),
+        "P transparent": (_png_bytes(transparent), "transparent pixels (mode P)"),
+        "APNG": (anim.getvalue(), "has 2 frames"),
+    }
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "RGB48", "CMYK", "RGBA transparent", "P transparent", "APNG"])
+def test_decode_refuses_inexact_modes(mode):
+    data, fragment = _refused_cases()[mode]
+    with pytest.raises(DatasetError) as e:
+        decode_image(data, "x.png")
+    msg = _one_line(e)
+    assert msg.startswith("image x.png ") and fragment in msg
+    assert "convert" in msg or "flatten" in msg or "save" in msg
+
+
+def test_16bit_image_refused_from_header_and_when_read(sample_copy):
+    """Issue 9: a 16-bit image used to read as an all-white RGB image."""
+    ds = open_dataset(sample_copy)
+    path = ds.records[1].image_path
+    wide = np.array(Image.open(path).convert("L")).astype(np.uint16) * 257
+    Image.fromarray(wide).save(path)
+    clipped = np.array(Image.open(path).convert("RGB"))[..., 0]  # what Pillow's conversion gives: clipped
+    assert np.array_equal(clipped, np.minimum(wide, 255)) and (clipped == 255).mean() > 0.9
+    for read in (ds.image_size, ds.read_image, ds.load):
+        with pytest.raises(DatasetError) as e:
+            read(1)
+        msg = _one_line(e)
+        assert str(path) in msg and "16-bit" in msg and "convert it to 8-bit RGB" in msg
+    assert ds.image_size(0) == SIZE
+
+
+def test_image_size_reads_the_header_only(sample_copy):
+    ds = open_dataset(sample_copy)
+    path = ds.records[0].image_path
+    path.write_bytes(path.read_bytes()[:-200])  # truncated pixel data, intact header
+    assert ds.image_size(0) == SIZE
+    with pytest.raises(DatasetError) as e:
+        ds.read_image(0)
+    assert _one_line(e).startswith(f"cannot read image {path}: ")
+    path.write_bytes(b"")
+    with pytest.raises(DatasetError) as e:
+        ds.image_size(0)
+    assert _one_line(e).startswith(f"cannot read image {path}: ")
+
+
+def test_labels_wide_and_multiframe(sample_copy):
+    ds = open_dataset(sample_copy)
+    rec = ds.records[0]
+    ids = np.array(Image.open(rec.label_path))
+    expected = ds.read_label(0)
+    Image.fromarray(ids.astype(np.uint16)).save(rec.label_path)  # 16-bit, same ids: read exactly
+    assert Image.open(rec.label_path).mode == "I;16"
+    assert np.array_equal(ds.read_label(0), expected)
+    Image.fromarray(ids.astype(np.uint16) * 256).save(rec.label_path)  # ids scaled: refused
+    with pytest.raises(DatasetError) as e:
+        ds.read_label(0)
+    assert "not in the Cityscapes label table" in _one_line(e)
+    frames = [Image.fromarray(ids), Image.fromarray(ids)]
+    frames[0].save(rec.label_path, save_all=True, append_images=frames[1:])
+    with pytest.raises(DatasetError) as e:
+        ds.read_label(0)
+    assert "has 2 frames" in _one_line(e)
+
+
+# ------------------------------------------------------------------------------------------------
+# nothing skipped silently
+
+
+def test_cityscapes_refuses_what_it_would_skip(sample_copy):
+    city = sample_copy / "leftImg8bit/train/synthtown"
+    cases = [
+        (city / "synthtown_000009_000019_leftImg8bit.png", "dir", "is a folder where a file is expected"),
+        (city / "synthtown_000008_000019_leftImg8bit.png", "link", "is a broken symbolic link"),
+        (city / "synthtown_000007_000019.png", "file", "is not named *_leftImg8bit.png"),
+        (city.parent / "loose_000000_000019_leftImg8bit.png", "file", "is not in a city folder"),
+        (city / "more", "dir", "is a folder inside a city folder"),
+    ]
+    for path, kind, fragment in cases:
+        if kind == "dir":
+            path.mkdir()
+        elif kind == "link":
+            path.symlink_to(sample_copy / "nowhere.png")
+        else:
+            path.write_bytes(b"x")
+        with pytest.raises(DatasetError) as e:
+            open_dataset(sample_copy)
+        msg = _one_line(e)
+        assert str(path) in msg and fragment in msg, msg
+        path.rmdir() if kind == "dir" else path.unlink()
+    (city / "notes.txt").write_text("not an image: ignored")
+    assert len(open_dataset(sample_copy)) == 4
+
+
+def test_cityscapes_label_entries(sample_copy):
+    ds = open_dataset(sample_copy)
+    label = ds.records[0].label_path
+    label.unlink()
+    label.mkdir()
+    with pytest.raises(DatasetError) as e:
+        open_dataset(sample_copy)
+    assert str(label) in _one_line(e) and "is a folder" in str(e.value)
+    shutil.rmtree(sample_copy / "gtFine/train")
+    (sample_copy / "gtFine/train").write_text("x")
+    with pytest.raises(DatasetError, match="is not a folder"):
+        open_dataset(sample_copy)
+
+
+def test_symlinked_city_is_followed(sample_copy, tmp_path):
+    outside = tmp_path / "elsewhere"
+    shutil.move(sample_copy / "leftImg8bit/train/procville", outside)
+    (sample_copy / "leftImg8bit/train/procville").symlink_to(outside, target_is_directory=True)
+    ds = open_dataset(sample_copy)
+    assert len(ds) == 4 and ds.read_image("train/procville/procville_000000_000019")[0].shape == (*SIZE, 3)
+
+
+def test_folder_refuses_what_it_would_skip(tmp_path):
+    root = tmp_path / "voc"
+    _voc_like(root)
+    bmp = root / "images/train/0004.bmp"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(bmp)
+    with pytest.raises(DatasetError) as e:
+        open_dataset(root)
+    assert str(bmp) in _one_line(e) and "is a .bmp image" in str(e.value)
+    bmp.unlink()
+    d = root / "images/train/0005.png"
+    d.mkdir()
+    with pytest.raises(DatasetError, match="is a folder where a file is expected"):
+        open_dataset(root)
+    d.rmdir()
+    (root / "images/train/a/loop").symlink_to(root / "images/train", target_is_directory=True)
+    with pytest.raises(DatasetError, match="link loop"):
+        open_dataset(root)
+    (root / "images/train/a/loop").unlink()
+    (root / "palette.txt").mkdir()
+    with pytest.raises(DatasetError, match=r"palette\.txt is a folder where a file is expected"):
+        open_dataset(root)
+    (root / "palette.txt").rmdir()
+    (root / "classes.txt").write_bytes("\ufeffbackground\ncat\ndog\n".encode())  # a BOM is not part of a name
+    assert open_dataset(root).class_names == ("background", "cat", "dog")
+
+
+# ------------------------------------------------------------------------------------------------
+# unlabelled images (issue 13)
+
+
+@pytest.fixture(scope="module")
+def sample_extra(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("extra") / "cs"
+    write_sample_dataset(root, num_train=4, num_val=2, size=SIZE, seed=0, num_extra=3)
+    return root
+
+
+def test_sample_extra_split_is_deterministic_and_keeps_the_rest(sample, sample_extra, tmp_path):
+    plain, extra = _files(sample), _files(sample_extra)
+    assert {k for k in extra if "train_extra" in k} == {
+        "leftImg8bit/train_extra/extraheim/extraheim_000000_000019_leftImg8bit.png",
+        "leftImg8bit/train_extra/moreton/moreton_000000_000019_leftImg8bit.png",
+        "leftImg8bit/train_extra/extraheim/extraheim_000001_000019_leftImg8bit.png",
+    }
+    assert not any(k.startswith("gtFine/train_extra") for k in extra)
+    assert all(extra[k] == v for k, v in plain.items() if k.endswith(".png"))  # train and val unchanged
+    again = tmp_path / "again"
+    write_sample_dataset(again, num_train=4, num_val=2, size=SIZE, seed=0, num_extra=3)
+    assert _files(again) == extra
+    zero = tmp_path / "zero"
+    write_sample_dataset(zero, num_train=4, num_val=2, size=SIZE, seed=0, num_extra=0)
+    assert _files(zero) == plain
+    write_sample_dataset(again, num_train=1, num_val=0, size=SIZE, seed=0)  # rewriting removes the extra split
+    assert not (again / "leftImg8bit/train_extra").exists()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(DatasetError, match="num_extra"):
+            write_sample_dataset(tmp_path / "bad", num_extra=bad)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_unlabelled_split_and_mixed_splits(sample_extra):
+    extra = open_dataset(sample_extra, "train_extra")
+    assert len(extra) == 3 and extra.num_labelled == 0 and extra.unlabelled_splits == ("train_extra",)
+    assert not extra.labelled.any() and not any(r.has_label for r in extra.records)
+    both = open_dataset(sample_extra, "train,train_extra")
+    assert both.splits == ("train", "train_extra") and len(both) == 7
+    assert both.labelled.tolist() == [r.split == "train" for r in both.records] and both.num_labelled == 4
+    assert both.unlabelled_splits == ("train_extra",)
+    i = both.ids.index("train_extra/moreton/moreton_000000_000019")
+    assert not both.has_label(i) and not both.has_label(both.ids[i]) and both.has_label(0)
+    image, label, sha = both.load(i)
+    assert image.shape == (*SIZE, 3) and label is None
+    assert sha == fingerprint(both.records[i].image_path.read_bytes())
+    with pytest.raises(DatasetError) as e:
+        both.read_label(i)
+    msg = _one_line(e)
+    assert "has no label" in msg and "'train_extra'" in msg and "use a labelled split" in msg
+    assert both.stamp().num_images == 7
+
+
+def test_train_extra_never_reads_coarse_labels(sample_extra, tmp_path):
+    root = tmp_path / "cs"
+    shutil.copytree(sample_extra, root)
+    coarse = root / "gtCoarse/train_extra/moreton/moreton_000000_000019_gtCoarse_labelIds.png"
+    _write_png(coarse, np.full(SIZE, 7, np.uint8), "L")
+    assert open_dataset(root, "train_extra").num_labelled == 0
+
+
+def test_cityscapes_label_folder_decides(sample_copy):
+    for split in ("train", "val"):
+        shutil.rmtree(sample_copy / "gtFine" / split)
+    with pytest.raises(DatasetError, match="unpack gtFine"):  # the fine splits always need labels
+        open_dataset(sample_copy, "train")
+    shutil.copytree(sample_copy / "leftImg8bit/train", sample_copy / "leftImg8bit/crawl")
+    assert open_dataset(sample_copy, "crawl").num_labelled == 0
+    (sample_copy / "gtFine/crawl/synthtown").mkdir(parents=True)
+    with pytest.raises(DatasetError) as e:
+        open_dataset(sample_copy, "crawl")
+    msg = _one_line(e)
+    assert "4 of 4 images in split 'crawl' have no label file" in msg and "remove" in msg and "gtFine/crawl/" in msg
+
+
+def test_folder_split_without_masks_is_unlabelled(tmp_path):
+    root = tmp_path / "voc"
+    _voc_like(root)
+    shutil.rmtree(root / "masks/val")
+    ds = open_dataset(root, "train,val")
+    assert ds.labelled.tolist() == [True, True, False] and ds.unlabelled_splits == ("val",)
+    assert ds.load("val/0003")[1] is None
+    shutil.rmtree(root / "masks")
+    assert open_dataset(root, "train").num_labelled == 0
+    (root / "masks").write_text("x")
+    with pytest.raises(DatasetError, match="is not a folder"):
+        open_dataset(root, "train")
+    (root / "masks").unlink()
+    (root / "masks/train").mkdir(parents=True)
+    with pytest.raises(DatasetError) as e:
+        open_dataset(root, "train")
+    assert "2 of 2 images in split 'train' have no mask" in _one_line(e) and "or remove" in str(e.value)
