@@ -18,6 +18,15 @@ agree whenever every class occurs (always the case on the full Cityscapes val sp
 tile padded (NaN, i.e. 0 after normalisation) to the tile size only where the image is smaller,
 each tile's logits upsampled (``align_corners=True``) to the tile, cropped, summed and divided by
 the number of tiles that cover each pixel.
+
+Saved predictions (``save_predictions``) are 8-bit PNGs of the image's size, one per image, in one of
+:data:`PREDICTION_FORMATS`: ``trainid`` (``<folder>/<id>.png``, the class index), ``color`` (the same
+path, the dataset palette as RGB) or ``labelid`` (Cityscapes only: the official label id of each
+pixel's train id, at ``<folder>/<id>_leftImg8bit.png``, e.g.
+``val/frankfurt/frankfurt_000000_000294_leftImg8bit.png``). Label-id files are what the official
+evaluator (``cityscapesscripts``' ``evalPixelLevelSemanticLabeling``, which finds a prediction by the
+pattern ``{city}_{seq}_{frame}*.png`` anywhere under its results folder) and the benchmark server read;
+its mIoU on them equals skd's (tested).
 """
 
 from __future__ import annotations
@@ -35,12 +44,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from cache_tools.datasets import IGNORE_INDEX, SegDataset, open_dataset
+from cache_tools.datasets import ID_TO_TRAIN_ID, IGNORE_INDEX, SegDataset, open_dataset
 from cache_tools.errors import ConfigError, DatasetError, SchemaMismatchError
 from pipeline.inference import autocast, pick_device
 
 __all__ = [
     "MODES",
+    "PREDICTION_FORMATS",
     "EvalResult",
     "confusion_matrix",
     "iou_from_confusion",
@@ -52,6 +62,8 @@ __all__ = [
 
 #: Inference modes of :func:`evaluate_model`.
 MODES = ("whole", "slide")
+#: Formats of saved predictions: train ids (class indices), Cityscapes label ids, palette colours.
+PREDICTION_FORMATS = ("trainid", "labelid", "color")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -286,22 +298,56 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _prediction_path(out_dir: Path, ds: SegDataset, image_id: str) -> Path:
-    """``<out_dir>/<id>.png`` for a dataset id, refusing anything that would leave ``out_dir``."""
+def _prediction_path(out_dir: Path, ds: SegDataset, image_id: str, suffix: str = ".png") -> Path:
+    """``<out_dir>/<id><suffix>`` for a dataset id, refusing anything that would leave ``out_dir``."""
     ds.resolve_id(image_id)  # safe relative id that belongs to the dataset (DatasetError otherwise)
     root = os.path.normpath(os.path.abspath(out_dir))
-    path = os.path.normpath(os.path.join(root, *image_id.split("/"))) + ".png"
+    path = os.path.normpath(os.path.join(root, *image_id.split("/"))) + suffix
     if os.path.commonpath([root, path]) != root:  # pragma: no cover - resolve_id already refuses this
         raise DatasetError(f"image id {image_id!r} would write outside {out_dir}")
     return Path(path)
 
 
-def _save_prediction(path: Path, pred: np.ndarray, palette: np.ndarray | None) -> None:
+def _train_to_label_ids() -> np.ndarray:
+    """uint8 table train id (0..18) -> Cityscapes label id, inverting the reader's official table."""
+    out = np.zeros(19, dtype=np.uint8)
+    for t in range(19):
+        ids = np.flatnonzero(np.equal(ID_TO_TRAIN_ID, t))
+        if len(ids) != 1:  # pragma: no cover - the official table maps one label id to each train id
+            raise RuntimeError(f"train id {t} has {len(ids)} Cityscapes label ids")
+        out[t] = ids[0]
+    return out
+
+
+def _prediction_encoder(ds: SegDataset, fmt: str) -> tuple[np.ndarray | None, str]:
+    """(lookup table from class index to the stored pixel, file suffix) for a prediction format."""
+    k = ds.num_classes
+    if fmt not in PREDICTION_FORMATS:
+        raise ConfigError(f"prediction format must be one of {', '.join(PREDICTION_FORMATS)}, got {fmt!r}")
+    if fmt == "color":
+        palette = np.asarray(ds.palette, dtype=np.uint8)
+        if palette.shape != (k, 3):
+            raise DatasetError(f"the dataset palette has shape {palette.shape}, expected ({k}, 3)")
+        return palette, ".png"
+    if fmt == "labelid":
+        if ds.name != "cityscapes" or k != 19:
+            raise ConfigError(
+                f"label-id predictions are Cityscapes label ids; the {ds.name} dataset has none "
+                "(use --prediction-format trainid or color)"
+            )
+        return _train_to_label_ids(), "_leftImg8bit.png"
+    if k > 256:
+        raise ConfigError(f"cannot write {k} classes as 8-bit train-id PNGs; use --prediction-format color")
+    return None, ".png"
+
+
+def _save_prediction(path: Path, pred: np.ndarray, lut: np.ndarray | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if palette is not None:
-        img = Image.fromarray(np.ascontiguousarray(palette[pred]), mode="RGB")
+    if lut is not None and lut.ndim == 2:
+        img = Image.fromarray(np.ascontiguousarray(lut[pred]), mode="RGB")
     else:
-        img = Image.fromarray(np.ascontiguousarray(pred.astype(np.uint8)), mode="L")
+        pixels = pred.astype(np.uint8) if lut is None else lut[pred]
+        img = Image.fromarray(np.ascontiguousarray(pixels), mode="L")
     tmp = path.with_name(path.name + ".tmp")
     img.save(tmp, format="PNG")
     os.replace(tmp, path)
@@ -318,7 +364,7 @@ def evaluate_model(
     device: torch.device | str | None = None,
     amp: bool = True,
     save_predictions: str | None = None,
-    color: bool = False,
+    prediction_format: str = "trainid",
     progress: Callable[[int, int], None] | None = None,
     limit: int | None = None,
 ) -> EvalResult:
@@ -330,13 +376,15 @@ def evaluate_model(
         mode: "whole" (official) or "slide" (``tile``, ``overlap``).
         device: where to run; ``None`` = where the model's parameters are.
         amp: autocast on CUDA (a no-op on CPU).
-        save_predictions: a folder; each prediction is written to ``<folder>/<id>.png`` (train ids
-            as 8-bit grey, or with ``color`` the dataset palette as RGB).
+        save_predictions: a folder; each prediction is written there as a PNG of the image's size.
+        prediction_format: ``"trainid"`` (``<folder>/<id>.png``, 8-bit class indices), ``"color"``
+            (same path, the dataset palette as RGB) or ``"labelid"`` (Cityscapes label ids as 8-bit
+            grey at ``<folder>/<id>_leftImg8bit.png``, for the official evaluator and benchmark).
         progress: called as ``progress(done, total)`` after each image.
         limit: evaluate only the first ``limit`` images (sorted by id).
 
     Raises:
-        ConfigError: bad mode, tile, overlap or limit.
+        ConfigError: bad mode, tile, overlap, limit or prediction format (``labelid`` off Cityscapes).
         DatasetError: missing split or dataset, an image without a label.
         SchemaMismatchError: the model's class count differs from the dataset's.
     """
@@ -354,14 +402,7 @@ def evaluate_model(
             "evaluate on the dataset the model was trained for"
         )
     out_dir = Path(save_predictions).expanduser() if save_predictions else None
-    palette = None
-    if out_dir is not None:
-        if color:
-            palette = np.asarray(ds.palette, dtype=np.uint8)
-            if palette.shape != (k, 3):
-                raise DatasetError(f"the dataset palette has shape {palette.shape}, expected ({k}, 3)")
-        elif k > 256:
-            raise ConfigError(f"cannot write {k} classes as 8-bit train-id PNGs; use --color")
+    lut, suffix = _prediction_encoder(ds, prediction_format)
     device = _model_device(model) if device is None else torch.device(device)
     if _model_device(model) != device:
         model.to(device)
@@ -391,7 +432,7 @@ def evaluate_model(
                 pred = logits.argmax(0).to(torch.int32).cpu().numpy()
                 conf += confusion_matrix(pred, label, k, ds.ignore_index)
                 if out_dir is not None:
-                    _save_prediction(_prediction_path(out_dir, ds, rec.id), pred, palette)
+                    _save_prediction(_prediction_path(out_dir, ds, rec.id, suffix), pred, lut)
                 if progress is not None:
                     progress(i + 1, n)
     finally:

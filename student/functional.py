@@ -301,7 +301,14 @@ def pair_wise_loss(student_nodes: Tensor, teacher_nodes: Tensor, detach_norm: bo
 
 
 def _scores(critic: CriticFn, x: Tensor, image: Tensor | None) -> Tensor:
-    return critic(x) if image is None else critic(x, image)
+    """The critic's scores as the official losses see them: its score map when it has one.
+
+    :class:`student.critic.Critic` exposes ``score_map`` (``(B, 1, s_h, s_w)``, 1×5 for a 65×129 grid);
+    other callables return ``(B,)``. The losses reduce the result themselves: means over all entries
+    (official ``torch.mean(d_out)``), the hinge per entry, the gradient penalty on the sum.
+    """
+    fn = getattr(critic, "score_map", critic)
+    return fn(x) if image is None else fn(x, image)
 
 
 def gradient_penalty(
@@ -311,16 +318,18 @@ def gradient_penalty(
     image: Tensor | None = None,
     alpha: Tensor | None = None,
 ) -> Tensor:
-    """WGAN-GP penalty ``mean_b (‖∇_x̂ D(x̂)‖₂ − 1)²`` at ``x̂ = α·real + (1−α)·fake``.
+    """WGAN-GP penalty ``mean_b (‖∇_x̂ Σ D(x̂)‖₂ − 1)²`` at ``x̂ = α·real + (1−α)·fake``.
 
     As the official ``CriterionAdditionalGP``: α ~ U(0, 1) per sample, both ends detached, the gradient of
-    ``Σ_b D(x̂_b)`` taken with ``create_graph=True`` so the penalty trains the critic, and the norm over
-    all of a sample's logit entries. The image (conditioning, if any) is held fixed; the penalty is on
-    the logit input only. Note the critic's input BatchNorm couples the samples of a batch, so this is
-    not a strictly per-sample gradient; that is what the official code does.
+    the **sum** of the critic's score map over the batch and the map's entries (``grad_outputs`` of ones)
+    taken with ``create_graph=True`` so the penalty trains the critic, and the norm over all of a
+    sample's logit entries. For a 1×1 map (65×65 grid) the sum is the score; for the 1×5 map of a 65×129
+    grid the gradient is 5× that of the map's mean. The image (conditioning, if any) is held fixed; the
+    penalty is on the logit input only. Note the critic's input BatchNorm couples the samples of a batch,
+    so this is not a strictly per-sample gradient; that is what the official code does.
 
     Args:
-        critic: ``critic(x[, image]) -> (B,)``.
+        critic: ``critic(x[, image]) -> (B,)``, or an object with ``score_map`` (see :func:`_scores`).
         real, fake: ``(B, K, h, w)`` on the same grid.
         image: optional conditioning image, passed through to the critic.
         alpha: optional ``(B,)`` (or broadcastable) mixing weights, for tests; drawn if None.
@@ -345,17 +354,21 @@ def wgan_gp_critic_loss(
     fake: Tensor,
     lambda_gp: float = 10.0,
     image: Tensor | None = None,
+    alpha: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """WGAN-GP critic loss ``−mean D(real) + mean D(fake) + λ_gp·GP`` (official ``CriterionAdv`` + GP).
 
     ``real`` (teacher logits) and ``fake`` (student logits) are detached and scored in separate critic
-    calls (separate BatchNorm batches, as in the official code); so is the interpolation.
+    calls, in the official order (teacher, student, then the interpolation inside the penalty), so the
+    BatchNorm batches and the spectral norms' power steps follow the official sequence. Means are over
+    all entries of the score map.
 
     Args:
-        critic: ``critic(x[, image]) -> (B,)``.
+        critic: ``critic(x[, image]) -> (B,)``, or an object with ``score_map``.
         real, fake: ``(B, K, h, w)`` on the same grid.
         lambda_gp: weight of :func:`gradient_penalty` inside this loss.
         image: optional conditioning image.
+        alpha: optional fixed mixing weights for the penalty (tests); drawn if None.
 
     Returns:
         ``(loss, parts)``; ``parts`` holds detached scalars ``"real"`` (mean D(real)), ``"fake"``
@@ -363,7 +376,7 @@ def wgan_gp_critic_loss(
     """
     d_real = _scores(critic, real.detach(), image).mean()
     d_fake = _scores(critic, fake.detach(), image).mean()
-    gp = gradient_penalty(critic, real, fake, image)
+    gp = gradient_penalty(critic, real, fake, image, alpha)
     loss = -d_real + d_fake + lambda_gp * gp
     return loss, {"real": d_real.detach(), "fake": d_fake.detach(), "gp": gp.detach()}
 
@@ -376,8 +389,10 @@ def hinge_critic_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Hinge critic loss ``mean ReLU(1 − D(real)) + mean ReLU(1 + D(fake))`` (CIRKD; official ``hinge`` option).
 
+    The ReLU applies to each entry of the score map, then the mean, as in the official code.
+
     Args:
-        critic: ``critic(x[, image]) -> (B,)``.
+        critic: ``critic(x[, image]) -> (B,)``, or an object with ``score_map``.
         real, fake: ``(B, K, h, w)``; detached.
         image: optional conditioning image.
 
@@ -395,6 +410,6 @@ def generator_loss(critic: CriticFn, fake: Tensor, image: Tensor | None = None) 
 
     ``fake`` is not detached: the gradient flows through the critic into the student. It also reaches
     the critic's parameters; the trainer must zero the critic's gradients before the critic's own step
-    (the official code does ``D_solver.zero_grad()`` there).
+    (the official code does ``D_solver.zero_grad()`` there). The mean is over all score-map entries.
     """
     return -_scores(critic, fake, image).mean()

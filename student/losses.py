@@ -241,6 +241,8 @@ class HolisticLoss(nn.Module):
         The gradient flows through the critic into the student logits only. The official code also
         computes gradients for the critic's parameters here and zeroes them before the critic's step;
         skd freezes the parameters for this forward instead (same update, half the backward's work).
+        This call is the step's first critic forward: it runs the spectral norms' power step and
+        updates the input BatchNorm's running statistics, as the official ``student_backward`` does.
 
         Args:
             student_logits: ``(B, K, h, w)``.
@@ -261,13 +263,18 @@ class HolisticLoss(nn.Module):
         student_logits: Tensor,
         teacher_logits: Tensor,
         image: Tensor | None = None,
+        alpha: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The critic's loss on detached logits (unweighted; the WGAN-GP penalty is inside).
+
+        The critic runs on the teacher, the student, then the interpolation (official order); with
+        the official spectral norm, the backward of all three uses the u and v of the last call.
 
         Args:
             student_logits: ``(B, K, h, w)`` (fake); detached.
             teacher_logits: ``(B, K, H, W)`` (real); detached.
             image: conditioning image, for a critic built with ``image_channels``.
+            alpha: fixed ``(B,)`` interpolation weights for the penalty (tests); drawn if None.
 
         Returns:
             ``(loss, parts)``: see :func:`~student.functional.wgan_gp_critic_loss` and
@@ -276,7 +283,7 @@ class HolisticLoss(nn.Module):
         fake = SF.align_to(student_logits.detach(), teacher_logits.shape)
         real = teacher_logits.detach()
         if self.kind == "wgan-gp":
-            return SF.wgan_gp_critic_loss(self.critic, real, fake, self.lambda_gp, image)
+            return SF.wgan_gp_critic_loss(self.critic, real, fake, self.lambda_gp, image, alpha)
         return SF.hinge_critic_loss(self.critic, real, fake, image)
 
     def extra_repr(self) -> str:

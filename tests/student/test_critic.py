@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from cache_tools.errors import ConfigError
 from student import functional as SF
-from student.critic import Critic
+from student.critic import Critic, SpectralNorm
 from student.losses import HolisticLoss
 
 # --------------------------------------------------------------------------------------------------
@@ -55,17 +54,18 @@ def test_critic_parameter_count_matches_the_official_discriminator():
 def test_critic_structure():
     critic = Critic(19)
     for block in (critic.l1, critic.l2, critic.l3, critic.l4):
-        assert parametrize.is_parametrized(block[0], "weight")  # spectral norm
+        assert isinstance(block[0], SpectralNorm)
         assert isinstance(block[1], nn.LeakyReLU) and block[1].negative_slope == 0.1
-    assert not parametrize.is_parametrized(critic.last, "weight")  # the last conv is plain
+    assert isinstance(critic.last[0], nn.Conv2d)  # the last conv is plain
     assert critic.attn1.gamma.item() == 0.0 and critic.attn2.gamma.item() == 0.0
-    assert isinstance(critic.input_bn, nn.BatchNorm2d) and critic.input_bn.num_features == 19
+    bn = critic.preprocess_additional
+    assert isinstance(bn, nn.BatchNorm2d) and bn.num_features == 19
 
 
 def test_critic_image_conditioning():
     torch.manual_seed(0)
     critic = Critic(19, input_size=65, image_channels=3)
-    assert critic.input_bn.num_features == 22
+    assert critic.preprocess_additional.num_features == 22
     image = torch.rand(2, 3, 512, 512) * 255
     image[:, :, 500:] = float("nan")  # padded rows
     scores = critic(torch.randn(2, 19, 65, 65), image)

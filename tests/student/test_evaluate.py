@@ -341,7 +341,7 @@ def test_evaluate_model_psp_tiny_whole_and_slide(sample_root, tmp_path):
 
     # colour predictions: the dataset palette
     color_dir = tmp_path / "color"
-    evaluate_model(model, str(sample_root), device="cpu", save_predictions=str(color_dir), color=True)
+    evaluate_model(model, str(sample_root), device="cpu", save_predictions=str(color_dir), prediction_format="color")
     for image_id in ds.ids:
         mode, rgb = _read_png(color_dir / f"{image_id}.png")
         _, ids = _read_png(out / f"{image_id}.png")
@@ -353,6 +353,73 @@ def test_evaluate_model_psp_tiny_whole_and_slide(sample_root, tmp_path):
     s = evaluate_model(model, str(sample_root), mode="slide", tile=(64, 96), device="cpu", limit=1)
     assert s.mode == "slide" and s.images == 1 and model.training  # previous mode restored
     assert 0 < s.confusion.sum() < n_pixels
+
+
+def _cityscapes_args(ev, tmp_path):
+    """cityscapesscripts' evaluator settings without instance scores (they need *_instanceIds.png and use
+    ``np.in1d``, which numpy 2.4 removed) and without a JSON export."""
+    args = ev.CArgs()
+    args.quiet = True
+    args.evalInstLevelScore = False
+    args.evalPixelAccuracy = False
+    args.evalLabels = []
+    args.normalized = True
+    args.colorized = False
+    args.bold = args.nocol = ""
+    args.printRow = 5
+    args.avgClassSize = dict(ev.args.avgClassSize)
+    args.JSONOutput = False
+    args.predictionPath = str(tmp_path)
+    args.predictionWalk = None
+    return args
+
+
+def test_label_id_predictions_give_cityscapesscripts_the_same_miou(sample_root, tmp_path):
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as ev
+    from cityscapesscripts.helpers.labels import trainId2label
+
+    torch.manual_seed(1)
+    model = create_model("psp_tiny", num_classes=19).eval()
+    out = tmp_path / "results"
+    r = evaluate_model(model, str(sample_root), device="cpu", save_predictions=str(out), prediction_format="labelid")
+    out_train = tmp_path / "train_ids"
+    evaluate_model(model, str(sample_root), device="cpu", save_predictions=str(out_train))
+    to_label = np.array([trainId2label[t].id for t in range(19)], np.uint8)
+    ds = open_dataset(sample_root, ("val",))
+    gt_files, pred_files = [], []
+    for i, image_id in enumerate(ds.ids):
+        path = out / f"{image_id}_leftImg8bit.png"  # as the dataset's own image name
+        mode, ids = _read_png(path)
+        assert mode == "L" and ids.shape == (64, 128)
+        _, train = _read_png(out_train / f"{image_id}.png")
+        np.testing.assert_array_equal(ids, to_label[train])  # the official table, train id -> label id
+        gt = ds.records[i].label_path
+        gt_files.append(str(gt))
+        args = _cityscapes_args(ev, out)
+        pred_files.append(ev.getPrediction(args, str(gt)))  # the stock lookup finds skd's file
+        assert pred_files[-1] == str(path)
+    res = ev.evaluateImgLists(pred_files, gt_files, _cityscapes_args(ev, out))
+    assert r.miou == pytest.approx(res["averageScoreClasses"], abs=1e-12)
+    for name, iou in r.per_class.items():
+        theirs = res["classScores"][name]
+        assert (iou is None and math.isnan(theirs)) or iou == pytest.approx(theirs, abs=1e-12), name
+
+
+def test_label_ids_need_cityscapes(tmp_path):
+    root = tmp_path / "folder"
+    (root / "images" / "val").mkdir(parents=True)
+    (root / "masks" / "val").mkdir(parents=True)
+    (root / "classes.txt").write_text("a\nb\n")
+    Image.new("RGB", (16, 16)).save(root / "images" / "val" / "x.png")
+    Image.new("L", (16, 16)).save(root / "masks" / "val" / "x.png")
+    model = PixelModel(k=2)
+    with pytest.raises(ConfigError, match="label ids"):
+        evaluate_model(
+            model, str(root), device="cpu", save_predictions=str(tmp_path / "p"), prediction_format="labelid"
+        )
+    with pytest.raises(ConfigError, match="prediction format"):
+        evaluate_model(model, str(root), device="cpu", save_predictions=str(tmp_path / "p"), prediction_format="ids")
+    assert not (tmp_path / "p").exists()
 
 
 def test_evaluate_model_oracle_is_perfect(sample_root):
@@ -398,3 +465,22 @@ def test_evaluate_checkpoint(sample_root, tmp_path):
     with pytest.raises(SchemaMismatchError) as info:
         evaluate_checkpoint(str(path5), str(sample_root), device="cpu")
     assert "5 classes" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_eval_cli_prediction_format(sample_root, tmp_path, capsys):
+    from student.cli import main
+    from tests.cli import assert_one_line_error, run_cli
+
+    torch.manual_seed(0)
+    model = create_model("psp_tiny", num_classes=19).eval()
+    path = save_weights(model, tmp_path / "model.safetensors", {"model_name": "psp_tiny", "num_classes": 19})
+    base = ["eval", "--checkpoint", str(path), "--data", str(sample_root), "--device", "cpu", "--json"]
+    out = tmp_path / "labelids"
+    code, _, err = run_cli(main, [*base, "--save-predictions", str(out), "--prediction-format", "labelid"], capsys)
+    assert code == 0, err
+    ds = open_dataset(sample_root, ("val",))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [f"{i}_leftImg8bit.png" for i in ds.ids]
+    code, _, err = run_cli(main, [*base, "--save-predictions", str(out), "--prediction-format", "gray"], capsys)
+    assert_one_line_error(code, err, "--prediction-format", "trainid, labelid, color")
+    code, _, err = run_cli(main, [*base, "--prediction-format", "labelid", "--color"], capsys)
+    assert_one_line_error(code, err, "--color contradicts --prediction-format labelid")
