@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from enum import Enum
 from typing import Literal
 
 from torch import Tensor, nn
@@ -26,6 +27,11 @@ from cache_tools.errors import ConfigError
 from student import functional as SF
 
 __all__ = [
+    "ChannelWiseLoss",
+    "DISTLoss",
+    "IFVDLoss",
+    "KDLoss",
+    "TargetNeed",
     "AdversarialKind",
     "DistillationWeights",
     "HolisticLoss",
@@ -38,6 +44,20 @@ __all__ = [
 PixelMode = Literal["official", "kl"]
 #: Critic objectives: the official WGAN-GP, or CIRKD's hinge.
 AdversarialKind = Literal["wgan-gp", "hinge"]
+
+
+class TargetNeed(str, Enum):
+    """What a loss reads from the teacher, so a cache can be checked before training starts.
+
+    * ``LOGITS``: the stride-8 logits (every cache holds them).
+    * ``NODES``: pair-wise nodes, composed from the stored feature cells.
+    * ``FULL_FEATURE``: the feature map itself, one vector per grid position: a cache built with
+      ``--features-block 1x1``.
+    """
+
+    LOGITS = "logits"
+    NODES = "nodes"
+    FULL_FEATURE = "full-feature"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +104,8 @@ class PixelWiseLoss(nn.Module):
         which covers every position by definition.
     """
 
+    needs = TargetNeed.LOGITS
+
     def __init__(self, mode: PixelMode = "official", temperature: float = 1.0):
         super().__init__()
         if mode not in ("official", "kl"):
@@ -125,6 +147,8 @@ class PairWiseLoss(nn.Module):
     Shape:
         ``student_feature (B, C_S, h, w)``, ``teacher_nodes (B, C_T, n_h, n_w)`` → scalar.
     """
+
+    needs = TargetNeed.NODES
 
     def __init__(
         self,
@@ -220,6 +244,8 @@ class HolisticLoss(nn.Module):
         lambda_gp: GP weight inside the critic term (WGAN-GP only).
     """
 
+    needs = TargetNeed.LOGITS
+
     def __init__(self, critic: nn.Module, kind: AdversarialKind = "wgan-gp", lambda_gp: float = 10.0):
         super().__init__()
         if kind not in ("wgan-gp", "hinge"):
@@ -288,3 +314,93 @@ class HolisticLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, lambda_gp={self.lambda_gp}"
+
+
+class KDLoss(nn.Module):
+    """Hinton KD on every (valid) pixel: ``τ² · mean KL(p_T‖p_S)`` at temperature τ.
+
+    Hinton et al., *Distilling the Knowledge in a Neural Network* (2015), applied per pixel as CIRKD's
+    ``CriterionKD`` (``losses/kd.py`` @ ``60f4425``: ``kl_div(..., 'batchmean')`` over ``B·h·w`` rows,
+    times τ²; its default τ = 1). The maths is :func:`~student.functional.pixel_kl_loss`.
+
+    Shape:
+        ``student_logits (B, K, h, w)``, ``teacher_logits (B, K, H, W)``, ``valid_mask (B, H, W)`` → scalar.
+    """
+
+    needs = TargetNeed.LOGITS
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        SF._check_temperature(temperature)
+        self.temperature = float(temperature)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, valid_mask: Tensor | None = None) -> Tensor:
+        return SF.pixel_kl_loss(student_logits, teacher_logits, self.temperature, valid_mask)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+class ChannelWiseLoss(nn.Module):
+    """Channel-wise distillation of logits (CWD; Shu et al., ICCV 2021): :func:`~student.functional.channel_wise_loss`.
+
+    Shape:
+        ``student_logits (B, K, h, w)``, ``teacher_logits (B, K, H, W)`` → scalar.
+    """
+
+    needs = TargetNeed.LOGITS
+
+    def __init__(self, temperature: float = 4.0):
+        super().__init__()
+        SF._check_temperature(temperature)
+        self.temperature = float(temperature)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return SF.channel_wise_loss(student_logits, teacher_logits, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+class DISTLoss(nn.Module):
+    """DIST (Huang et al., NeurIPS 2022): inter- and intra-class correlation, :func:`~student.functional.dist_loss`.
+
+    Shape:
+        ``student_logits (B, K, h, w)``, ``teacher_logits (B, K, H, W)`` → scalar.
+    """
+
+    needs = TargetNeed.LOGITS
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
+        super().__init__()
+        SF._check_temperature(temperature)
+        if not (beta >= 0 and gamma >= 0):
+            raise ConfigError(f"DIST weights must be >= 0, got beta={beta}, gamma={gamma}")
+        self.beta, self.gamma, self.temperature = float(beta), float(gamma), float(temperature)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return SF.dist_loss(student_logits, teacher_logits, self.beta, self.gamma, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}"
+
+
+class IFVDLoss(nn.Module):
+    """Intra-class feature variation distillation (IFVD; Wang et al., ECCV 2020): :func:`~student.functional.ifvd_loss`.
+
+    Reads the teacher's feature map itself, so a cache serves it only when it stores the full map
+    (``skdcache build --features-block 1x1``); pooled pair-wise cells lose the per-pixel variation.
+
+    Shape:
+        ``student_feature (B, C_s, h, w)``, ``teacher_feature (B, C_t, H, W)``, ``label (B, H_img, W_img)``
+        → scalar.
+    """
+
+    needs = TargetNeed.FULL_FEATURE
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = int(num_classes)
+
+    def forward(self, student_feature: Tensor, teacher_feature: Tensor, label: Tensor) -> Tensor:
+        return SF.ifvd_loss(student_feature, teacher_feature, label, self.num_classes)
