@@ -12,8 +12,10 @@ Every architecture (teacher or student) is registered here by name, timm-style::
 A model honours the contract of :mod:`pipeline.models` (raw RGB 0–255 input with NaN padding, an
 ``input_norm`` first module, a ``SegOutput`` result).
 
-Checkpoints are untrusted: they are read with ``safetensors`` or ``torch.load(weights_only=True)``
-only, never unpickled. Accepted layouts (:func:`load_weights`):
+Checkpoints are untrusted: they are read with ``safetensors`` or ``torch.load(weights_only=True)``,
+and files whose pickle names other classes (mmsegmentation's ``meta``) with the restricted reader of
+:mod:`pipeline.checkpoint_io`, which rebuilds the tensors without importing or calling anything else
+and refuses pickles that name code-running callables. Accepted layouts (:func:`load_weights`):
 
 * a state dict, or a dict holding one under ``"model"`` (the project's training checkpoints, with
   optional ``"model_name"`` / ``"num_classes"``) or ``"state_dict"``; a ``module.`` prefix is removed;
@@ -33,8 +35,7 @@ import hashlib
 import importlib
 import json
 import os
-import pickle
-import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,7 +45,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from cache_tools.errors import ModelError, WeightsError
+from cache_tools.errors import ModelError, SkdError, WeightsError
+from pipeline.checkpoint_io import Skipped, load_torch_file, sniff
 from pipeline.models.base import InputNorm
 from pipeline.models.deeplab import DeepLabV3
 from pipeline.models.mobilenet import DeepLabV3MobileNetV2
@@ -125,6 +127,13 @@ def _import_factory(path: str) -> Callable[..., nn.Module]:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr or not all(p.isidentifier() for p in (*module_name.split("."), attr)):
         raise ModelError(f"invalid custom model path {path!r}; expected package.module:factory")
+    top = module_name.split(".", 1)[0]
+    if top in sys.stdlib_module_names:
+        # os:system, subprocess:run, builtins:eval ... are never model factories: refuse before importing
+        raise ModelError(
+            f"custom model path {path!r} names {module_name!r}, a Python standard-library module, not a model "
+            "package; give package.module:factory of a function that returns an nn.Module"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -165,10 +174,14 @@ def create_model(name: str, *, num_classes: int = 19, **kwargs: Any) -> nn.Modul
     factory = _resolve_factory(name)
     try:
         model = factory(num_classes=num_classes, **kwargs)
-    except TypeError as e:
-        if "unexpected keyword argument" in str(e):
-            raise ModelError(f"model {name!r} does not take this option: {e}") from None
+    except SkdError:
         raise
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e) and any(f"'{k}'" in str(e) for k in kwargs):
+            raise ModelError(f"model {name!r} does not take this option: {e}") from None
+        raise _factory_failed(name, factory, e) from e
+    except Exception as e:  # a factory is user code: name it in one line (--verbose: traceback)
+        raise _factory_failed(name, factory, e) from e
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory of model {name!r} returned a {type(model).__name__}, not an nn.Module")
     if not isinstance(getattr(model, "input_norm", None), InputNorm):
@@ -179,6 +192,14 @@ def create_model(name: str, *, num_classes: int = 19, **kwargs: Any) -> nn.Modul
     if getattr(model, "model_name", None) is None or name in _REGISTRY:
         model.model_name = name
     return model
+
+
+def _factory_failed(name: str, factory: Callable[..., Any], e: Exception) -> ModelError:
+    label = name if ":" in name else f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', '?')}"
+    return ModelError(
+        f"model {name!r}: its factory {label}(num_classes=...) failed with {type(e).__name__}: {_one_line(e, 160)} "
+        "— a model factory must take num_classes and return an nn.Module"
+    )
 
 
 def _model_name(model: nn.Module) -> str:
@@ -381,7 +402,8 @@ class LoadReport:
             f"loaded {self.loaded} tensors from {self.path or '?'} ({layout}); {len(self.missing)} missing, "
             f"{len(self.unexpected)} unexpected, {len(self.mismatched)} mis-shaped"
         )
-        return s + (f", {len(self.ignored)} ignored" if self.ignored else "")
+        s += f", {len(self.ignored)} ignored" if self.ignored else ""
+        return s + (f"; {self.metadata['skipped']}" if self.metadata.get("skipped") else "")
 
 
 def weights_sha256(path: str | os.PathLike) -> str:
@@ -398,21 +420,10 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _weights_only_reason(text: str) -> str:
-    # torch wraps the unpickler's reason in a long advice text; keep the reason
-    m = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", text, re.S)
-    return m.group(1).strip() if m else text
-
-
 def _is_safetensors(p: Path) -> bool:
-    if p.suffix == ".safetensors":
-        return True
-    with open(p, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        return False
-    n = int.from_bytes(head[:8], "little")
-    return head[8:9] == b"{" and 0 < n < p.stat().st_size
+    # by content; the suffix decides only for bytes that are nothing else (a cut-off header)
+    kind = sniff(p)
+    return kind == "safetensors" or (p.suffix == ".safetensors" and kind == "binary")
 
 
 def _extract_state_dict(obj: Any, p: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -423,6 +434,11 @@ def _extract_state_dict(obj: Any, p: Path) -> tuple[dict[str, Tensor], dict[str,
                 meta = {k: str(obj[k]) for k in ("model_name", "num_classes") if isinstance(obj.get(k), (str, int))}
                 obj = obj[key]
                 break
+    if isinstance(obj, Skipped):
+        raise WeightsError(
+            f"checkpoint {p} holds no state dict: it holds a pickled {obj.skd_name} object, which is never "
+            "unpickled — save model.state_dict() with torch.save, or as .safetensors"
+        )
     if not isinstance(obj, Mapping) or not obj:
         kind = f"a {type(obj).__name__}" if not isinstance(obj, Mapping) else "an empty dict"
         raise WeightsError(f"checkpoint {p} holds no state dict (it holds {kind})")
@@ -440,10 +456,14 @@ def _extract_state_dict(obj: Any, p: Path) -> tuple[dict[str, Tensor], dict[str,
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str], str]:
     """Read a checkpoint safely: ``(state dict, metadata, "safetensors" | "torch")``.
 
-    Nothing is unpickled: torch files go through ``torch.load(weights_only=True)``.
+    Nothing is unpickled: torch files go through ``torch.load(weights_only=True)``, or, when their
+    pickle names other classes (mmsegmentation's ``meta``), through the restricted reader of
+    :mod:`pipeline.checkpoint_io`, which extracts the tensors without importing or calling anything;
+    what it skipped is in ``metadata["skipped"]``.
 
     Raises:
-        WeightsError: missing, unreadable or corrupt file, or one holding non-tensor objects.
+        WeightsError: missing, empty, unreadable, truncated or corrupt file, one that is not a
+            checkpoint, one whose pickle names something hostile, or one holding no state dict.
     """
     p = Path(path)
     if not p.is_file():
@@ -453,34 +473,38 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     except OSError as e:
         raise WeightsError(f"cannot read checkpoint {p}: {_one_line(e)}") from None
     if is_st:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(str(p), device="cpu")
-            with safe_open(str(p), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-        except Exception as e:  # noqa: BLE001 - the safetensors reader raises its own error types
-            raise WeightsError(f"cannot read checkpoint {p}: not a valid safetensors file ({_one_line(e)})") from None
-        return _extract_state_dict(sd, p)[0], meta, "safetensors"
+        return (*_read_safetensors(p), "safetensors")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if refused or "add_safe_globals" in text or "unrecognized function" in text:
-            what = f"e.g. {refused.group(1)}" if refused else _one_line(_weights_only_reason(text), 120)
-            raise WeightsError(
-                f"checkpoint {p} holds Python objects other than tensors ({what}); it is refused because "
-                "checkpoints are untrusted and never unpickled — re-save it as a plain state dict or .safetensors"
-            ) from None
-        raise WeightsError(
-            f"cannot read checkpoint {p}: not a torch or safetensors file ({_one_line(_weights_only_reason(text))})"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - corrupt zip (RuntimeError), truncated pickle (EOFError), I/O errors
-        raise WeightsError(f"cannot read checkpoint {p}: {type(e).__name__}: {_one_line(e)}") from None
-    sd, meta = _extract_state_dict(obj, p)
+        loaded = load_torch_file(p)
+    except OSError as e:
+        raise WeightsError(f"cannot read checkpoint {p}: {_one_line(e)}") from None
+    sd, meta = _extract_state_dict(loaded.obj, p)
+    if loaded.skipped:
+        meta["skipped"] = loaded.note()
     return sd, meta, "torch"
+
+
+def _read_safetensors(p: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    size = p.stat().st_size
+    if size == 0:
+        raise WeightsError(f"cannot read checkpoint {p}: empty file (0 bytes)")
+    with open(p, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    if size < 8 or 8 + n > size:
+        raise WeightsError(
+            f"cannot read checkpoint {p}: truncated safetensors file (its header needs {8 + n} bytes, the file has "
+            f"{size}) or not a safetensors file"
+        )
+    try:
+        sd = load_file(str(p), device="cpu")
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - the safetensors reader raises its own error types
+        raise WeightsError(f"cannot read checkpoint {p}: not a valid safetensors file ({_one_line(e)})") from None
+    return _extract_state_dict(sd, p)[0], meta
 
 
 def detect_format(state_dict: Mapping[str, Tensor]) -> str:
@@ -734,3 +758,7 @@ def mbv2_mini(num_classes: int = 19, **kwargs: Any) -> DeepLabV3MobileNetV2:
 @register_model("psp_tiny", description="test model: PSPNet, BasicBlock [1,1,1,1] at width 1/8, PSP out 16")
 def psp_tiny(num_classes: int = 19, **kwargs: Any) -> PSPNet:
     return _psp(BasicBlock, (1, 1, 1, 1), num_classes, {"width": 0.125, "psp_out": 16}, kwargs)
+
+
+# The mmsegmentation and CIRKD families register with this registry (last: they import register_model).
+import pipeline.families  # noqa: E402, F401

@@ -230,19 +230,15 @@ def official_critic_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
 def load_official_critic(critic: Critic, path: str | os.PathLike) -> Critic:
     """Load an official discriminator checkpoint (e.g. ``model_best.pth.tar``) into ``critic``, strictly.
 
-    The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only.
+    The file goes through :func:`pipeline.checkpoint_io.load_torch_file`, the same safe reader as
+    every checkpoint: tensors and plain containers only, nothing else imported or executed.
 
     Raises:
         WeightsError: unreadable file, not a discriminator, or shapes that do not fit ``critic``.
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"critic checkpoint {path} does not exist") from None
-    except Exception as exc:  # noqa: BLE001 - unpickling refusals and corrupt files alike
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"cannot read critic checkpoint {path}: {first}") from None
-    sd = official_critic_state_dict(obj)
+    from pipeline.checkpoint_io import load_torch_file
+
+    sd = official_critic_state_dict(load_torch_file(path).obj)
     try:
         critic.load_state_dict(sd, strict=True)
     except RuntimeError as exc:

@@ -53,6 +53,13 @@ class Evil:
         UNPICKLED.append("Evil")
 
 
+class Hostile:
+    """Pickles as a call of os.system: a checkpoint that would run a command if it were unpickled."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
 def model(name="psp_tiny", seed=0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
     return create_model(name, **kwargs).eval()
@@ -135,7 +142,8 @@ def test_unknown_model_lists_known_names():
     with pytest.raises(ModelError) as info:
         create_model("psp1O1")
     msg = str(info.value)
-    assert msg.startswith("unknown model 'psp1O1'; known: deeplabv3_r18, deeplabv3_r18_mini, mbv2,")
+    assert msg.startswith("unknown model 'psp1O1'; known: ")
+    assert "deeplabv3_r18, deeplabv3_r18_mini, mbv2," in msg
     assert "psp101" in msg and "(or give package.module:factory)" in msg and "\n" not in msg
 
 
@@ -163,9 +171,14 @@ def test_custom_import_path():
         ("tests.pipeline.custom_teacher:nothing", "has no callable 'nothing'"),
         ("tests.pipeline.custom_teacher:", "expected package.module:factory"),
         ("tests.pipeline.custom_teacher:TinySeg.__init__", "expected package.module:factory"),
+        ("os:system", "'os', a Python standard-library module, not a model package"),
+        ("subprocess:run", "'subprocess', a Python standard-library module"),
+        ("builtins:eval", "'builtins', a Python standard-library module"),
+        ("torch:zeros", r"its factory torch:zeros\(num_classes=\.\.\.\) failed with TypeError"),
     ]:
-        with pytest.raises(ModelError, match=match):
+        with pytest.raises(ModelError, match=match) as info:
             create_model(bad)
+        assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------- teachers
@@ -339,15 +352,39 @@ def test_corrupt_and_missing_files(tmp_path):
         load_weights(model(), not_a_sd)
 
 
-def test_pickled_objects_are_refused_not_unpickled(tmp_path):
-    path = tmp_path / "evil.pth"
-    torch.save({"model": model().state_dict(), "x": Evil()}, path)
+def test_pickled_objects_are_skipped_not_unpickled(tmp_path):
+    # another class beside the state dict: torch's weights_only load refuses it, the restricted
+    # reader extracts the tensors and reports the object it skipped, without creating it
+    src = model(seed=1)
+    path = tmp_path / "with_object.pth"
+    torch.save({"model": src.state_dict(), "x": Evil()}, path)
+    dst = model(seed=2)
+    report = load_weights(dst, path)
+    assert report.ok and report.metadata["skipped"].startswith(
+        "skipped 1 object of class tests.pipeline.test_teachers.Evil"
+    )
+    assert "skipped 1 object of class tests.pipeline.test_teachers.Evil" in report.summary()
+    assert torch.equal(outputs(dst, X).logits, outputs(src, X).logits)
+    assert UNPICKLED == []
+    # a pickled object and no state dict: said so, nothing created
+    torch.save(Evil(), path)
     with pytest.raises(WeightsError) as info:
         load_weights(model(), path)
     msg = str(info.value)
-    assert msg.startswith(f"checkpoint {path} holds Python objects other than tensors (e.g. ")
-    assert "Evil" in msg and "never unpickled" in msg and "\n" not in msg
-    assert UNPICKLED == []
+    assert "holds no state dict: it holds a pickled tests.pipeline.test_teachers.Evil object" in msg
+    assert "\n" not in msg and UNPICKLED == []
+
+
+def test_hostile_pickle_is_refused_naming_what_it_calls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "hostile.pth"
+    torch.save({"model": model().state_dict(), "x": Hostile()}, path)
+    with pytest.raises(WeightsError) as info:
+        load_weights(model(), path)
+    msg = str(info.value)
+    assert msg.startswith(f"checkpoint {path} is refused: its pickle names posix.system") and "NOT executed" in msg
+    assert "weights_only" not in msg and "\n" not in msg
+    assert not (tmp_path / "PWNED").exists()
 
 
 # ---------------------------------------------------------------------------------------------- backbone init
