@@ -68,8 +68,9 @@ def test_full_size_shapes_on_meta(name):
     out = m.train()(torch.empty(2, 3, 512, 1024, device="meta"))
     g = (m.grid(512), m.grid(1024))
     assert m.output_grid(512, 1024) == g
-    assert g == ((64, 128) if name.startswith("mbv2") else (65, 129))
-    assert out.logits.shape == (2, 19, *g) and out.aux.shape == (2, 19, *g)
+    eight_k = name.startswith("mbv2") or getattr(m, "grid_convention", "8k+1") == "8k"
+    assert g == ((64, 128) if eight_k else (65, 129))
+    assert out.logits.shape == (2, 19, *g) and (out.aux is None or out.aux.shape == (2, 19, *g))
     assert out.feature.shape == (2, m.feature_channels, *g)
     if name == "psp101":
         assert m.feature_channels == 512
