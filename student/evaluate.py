@@ -394,6 +394,11 @@ def evaluate_model(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ConfigError(f"limit must be a non-negative integer, got {limit!r}")
     ds = open_dataset(data_root, (split,))
+    if ds.unlabelled_splits:
+        raise DatasetError(
+            f"split {split!r} of {data_root} has no labels, so it cannot be evaluated; "
+            "pass a labelled split (e.g. --split val)"
+        )
     k = ds.num_classes
     model_k = getattr(model, "num_classes", None)
     if isinstance(model_k, int) and model_k != k:

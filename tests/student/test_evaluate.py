@@ -451,6 +451,15 @@ def test_evaluate_model_errors(sample_root, tmp_path):
     assert _prediction_path(tmp_path, ds, ds.ids[0]) == tmp_path / f"{ds.ids[0]}.png"
 
 
+def test_unlabelled_split_is_refused_before_any_image_is_read(tmp_path):
+    from cache_tools.datasets import write_sample_dataset
+
+    write_sample_dataset(tmp_path / "d", num_train=1, num_val=1, size=(32, 64), seed=1, num_extra=2)
+    model = create_model("psp_tiny", num_classes=19).eval()
+    with pytest.raises(DatasetError, match=r"'train_extra'.*has no labels.*--split val"):
+        evaluate_model(model, str(tmp_path / "d"), split="train_extra")
+
+
 def test_evaluate_checkpoint(sample_root, tmp_path):
     torch.manual_seed(0)
     model = create_model("psp_tiny", num_classes=19).eval()
