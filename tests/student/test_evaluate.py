@@ -476,6 +476,17 @@ def test_evaluate_checkpoint(sample_root, tmp_path):
     assert "5 classes" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_model_file_holding_nan_is_refused(sample_root, tmp_path):
+    from cache_tools.errors import WeightsError
+
+    model = create_model("psp_tiny", num_classes=19)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    path = save_weights(model, tmp_path / "nan.safetensors", {"model_name": "psp_tiny", "num_classes": 19})
+    with pytest.raises(WeightsError, match="non-finite"):
+        evaluate_checkpoint(str(path), str(sample_root), device="cpu")
+
+
 def test_eval_cli_prediction_format(sample_root, tmp_path, capsys):
     from student.cli import main
     from tests.cli import assert_one_line_error, run_cli
