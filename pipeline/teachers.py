@@ -682,8 +682,12 @@ def save_weights(model: nn.Module, path: str | os.PathLike, metadata: Mapping[st
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, p)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written file beside the real one
+        raise
     return p
 
 
