@@ -1,4 +1,13 @@
-"""Running a teacher: device and autocast choice, output grids, whole-image and sliding inference."""
+"""Running a teacher: device and precision choice, output grids, whole-image and sliding inference.
+
+Teacher precision (:func:`teacher_precision`) is a recorded choice, fp32 by default: bf16 keeps 8
+significant bits (~3 decimal digits) per value and the rounding of every layer accumulates, so a
+bf16 teacher's logits differ from the fp32 teacher's by far more than the default gap-u8 codec's
+error (KL(T=1) 17x to 3,000x the codec's on the CPU teachers of docs/benchmarks.md); the stored
+targets would then be further from the fp32 teacher than the codec fidelity a store reports.
+``skdcache build`` measures the chosen precision's error against an fp32 forward and records it
+beside the codec fidelity.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +19,117 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cache_tools.errors import ConfigError
+
 from .models.base import SegOutput
 
-__all__ = ["pick_device", "autocast", "output_grid", "run_teacher", "slide_teacher", "pool_cells"]
+__all__ = [
+    "PRECISIONS",
+    "autocast",
+    "check_precision",
+    "output_grid",
+    "pick_device",
+    "pool_cells",
+    "run_teacher",
+    "slide_teacher",
+    "teacher_precision",
+]
+
+#: The teacher's arithmetic: fp32 (exact, TF32 off), tf32 (CUDA matmuls/convolutions in TF32),
+#: fp16 / bf16 (autocast; bf16 also on CPU, for measurement).
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """'auto' -> CUDA when present, else CPU."""
+    """'auto' -> CUDA when present, else CPU; 'cpu', 'cuda' or 'cuda:N' as asked, checked to exist.
+
+    Raises:
+        ConfigError: an unknown device name, or a CUDA device this machine does not have.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or auto)")
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    return dev
 
 
 @contextlib.contextmanager
 def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
-    """fp16/bf16 autocast on CUDA; a no-op on CPU (bf16 is slower than fp32 on CPUs without AMX)."""
+    """fp16/bf16 autocast on CUDA; a no-op on CPU (bf16 is slower than fp32 on CPUs without AMX).
+
+    The student's mixed precision; the teacher's is :func:`teacher_precision`.
+    """
     if device.type == "cuda" and enabled:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         with torch.autocast("cuda", dtype=dtype):
             yield
     else:
+        yield
+
+
+def check_precision(device: torch.device, precision: str, flag: str = "--precision") -> None:
+    """Refuse a precision this device cannot run (before anything runs).
+
+    Raises:
+        ConfigError: an unknown name, fp16/tf32 on CPU, or bf16 on a GPU without bf16.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{flag} must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if device.type == "cpu" and precision in ("fp16", "tf32"):
+        raise ConfigError(f"{flag} {precision}: on CPU the teacher runs in fp32 (or bf16 when asked); use {flag} fp32")
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{flag} bf16: this GPU has no bf16 arithmetic; use {flag} fp32 (or fp16)")
+
+
+@contextlib.contextmanager
+def _tf32(device: torch.device, allowed: bool) -> Iterator[None]:
+    """CUDA TF32 for matmuls and cuDNN convolutions on or off, the previous flags restored after.
+
+    Off matters for fp32: cuDNN convolutions default to TF32 on Ampere and later GPUs.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+@contextlib.contextmanager
+def teacher_precision(device: torch.device, precision: str = "fp32", flag: str = "--precision") -> Iterator[None]:
+    """Run the teacher's forward in ``precision`` (one of :data:`PRECISIONS`) on ``device``.
+
+    fp32: autocast off, TF32 off (bit-identical to a plain fp32 forward); tf32: fp32 with CUDA TF32
+    matmuls and convolutions; fp16 / bf16: ``torch.autocast`` with that dtype (bf16 on CPU too, only
+    when asked). Global TF32 flags are restored on exit. The online teacher of ``skdstudent train``
+    uses it the same way the build does.
+
+    Raises:
+        ConfigError: see :func:`check_precision`.
+    """
+    check_precision(device, precision, flag)
+    if precision in ("fp16", "bf16"):
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+        return
+    # explicit off: the teacher may be called inside the student's autocast region
+    with torch.autocast(device.type, enabled=False), _tf32(device, precision == "tf32"):
         yield
 
 
@@ -48,9 +148,9 @@ def output_grid(model: nn.Module, h: int, w: int) -> tuple[int, int]:
     return int(out.logits.shape[-2]), int(out.logits.shape[-1])
 
 
-def run_teacher(model: nn.Module, x: Tensor, device: torch.device, amp: bool = True) -> tuple[Tensor, Tensor]:
-    """Teacher forward in eval mode: (logits, feature) as float32 on the model's device."""
-    with torch.inference_mode(), autocast(device, amp):
+def run_teacher(model: nn.Module, x: Tensor, device: torch.device, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+    """Teacher forward in eval mode at ``precision``: (logits, feature) as float32 on the model's device."""
+    with torch.inference_mode(), teacher_precision(device, precision):
         out: SegOutput = model(x.to(device, non_blocking=True))
     return out.logits.float(), out.feature.float()
 
@@ -69,7 +169,7 @@ def slide_teacher(
     tile: tuple[int, int],
     overlap: float,
     device: torch.device,
-    amp: bool = True,
+    precision: str = "fp32",
 ) -> tuple[Tensor, Tensor]:
     """Teacher on overlapping tiles of one whole image, merged on the image's grid.
 
@@ -90,7 +190,7 @@ def slide_teacher(
     count = torch.zeros(1, 1, h0, w0, device=device)
     for y in _tile_starts(H, th, sy):
         for x in _tile_starts(W, tw, sx):
-            z, f = run_teacher(model, image[:, :, y : y + th, x : x + tw], device, amp)
+            z, f = run_teacher(model, image[:, :, y : y + th, x : x + tw], device, precision)
             gh, gw = z.shape[-2:]
             # image-grid nodes inside the tile and their coordinates on the tile's grid
             ys = torch.arange(h0, device=device, dtype=torch.float64) * ((H - 1) / max(h0 - 1, 1))
