@@ -54,6 +54,20 @@ FEATURE_CODECS = ("fp32", "fp16", "int8", "pca")
 COMPRESSORS = ("none", "zstd", "blosc-lz4", "blosc-zstd")
 POOLS = ("max", "avg")
 
+#: Sizes no real store comes near (docs/cache_format.md, "Limits"). A store claiming more is refused
+#: from its numbers alone, before any array is allocated or read: a reader's work must never scale
+#: with what a few bytes of untrusted metadata claim.
+MAX_IMAGES = 1 << 22
+MAX_ENTRIES = 1 << 22
+MAX_SHARD_ENTRIES = 1 << 16
+MAX_CLASSES = 1 << 14
+MAX_CHANNELS = 1 << 16
+#: teacher grid (h or w): an image side of 65536 pixels at stride 8 (ceil mode, +1)
+MAX_GRID = (1 << 13) + 1
+#: pixels per side of an image, a scaled image, a view's crop or a tile
+MAX_PIXELS = 1 << 16
+MAX_ID_BYTES = 1024
+
 #: Per-entry fidelity measured at build time (NaN for entries that were not sampled).
 FIDELITY_COLUMNS = (
     "kl_t1_mean",
@@ -206,20 +220,20 @@ def _bool(d: dict, key: str, where: str) -> bool:
     return v
 
 
-def _ints(d: dict, key: str, where: str, n: int | None = None, lo: int = 0) -> tuple[int, ...]:
+def _ints(d: dict, key: str, where: str, n: int | None = None, lo: int = 0, hi: int = 2**31) -> tuple[int, ...]:
     v = _get(d, key, where)
     if not isinstance(v, list) or (n is not None and len(v) != n):
-        raise SchemaError(f"{where}.{key} must be a list of {n or 'some'} integers, got {v!r}")
+        raise SchemaError(f"{where}.{key} must be a list of {n or 'some'} integers, got {str(v)[:80]}")
     for x in v:
-        if isinstance(x, bool) or not isinstance(x, int) or x < lo or x > 2**31:
-            raise SchemaError(f"{where}.{key} must hold integers >= {lo}, got {v!r}")
+        if isinstance(x, bool) or not isinstance(x, int) or x < lo or x > hi:
+            raise SchemaError(f"{where}.{key} must hold integers in [{lo}, {hi}], got {v!r}")
     return tuple(v)
 
 
-def _strs(d: dict, key: str, where: str) -> tuple[str, ...]:
+def _strs(d: dict, key: str, where: str, max_items: int = 1024) -> tuple[str, ...]:
     v = _get(d, key, where)
-    if not isinstance(v, list) or not all(isinstance(x, str) and len(x) <= 256 for x in v):
-        raise SchemaError(f"{where}.{key} must be a list of strings")
+    if not isinstance(v, list) or len(v) > max_items or not all(isinstance(x, str) and len(x) <= 256 for x in v):
+        raise SchemaError(f"{where}.{key} must be a list of at most {max_items} strings of at most 256 characters")
     return tuple(v)
 
 
@@ -336,11 +350,11 @@ class TargetLayout:
             raise UnsafeCacheError(f"{where}.pool is {pool!r}; this reader knows only {', '.join(POOLS)}")
         return cls(
             codec=_str(d, "codec", where, choices=codecs),
-            channels=_int(d, "channels", where, lo=1, hi=1 << 16),
-            stored_channels=_int(d, "stored_channels", where, lo=1, hi=1 << 16),
-            grid=_ints(d, "grid", where, 2, lo=1),  # type: ignore[arg-type]
+            channels=_int(d, "channels", where, lo=1, hi=MAX_CHANNELS),
+            stored_channels=_int(d, "stored_channels", where, lo=1, hi=MAX_CHANNELS),
+            grid=_ints(d, "grid", where, 2, lo=1, hi=MAX_GRID),  # type: ignore[arg-type]
             pool=pool,
-            block=_ints(d, "block", where, 2, lo=1),  # type: ignore[arg-type]
+            block=_ints(d, "block", where, 2, lo=1, hi=MAX_GRID),  # type: ignore[arg-type]
             params=_json_scalars(_get(d, "params", where), f"{where}.params"),
             compressor=Compressor.from_dict(_get(d, "compressor", where), f"{where}.compressor"),
         )
@@ -376,8 +390,8 @@ class TeacherStamp:
         return cls(
             name=_str(d, "name", where),
             architecture=_str(d, "architecture", where),
-            num_classes=_int(d, "num_classes", where, lo=1, hi=1 << 16),
-            feature_channels=_int(d, "feature_channels", where, lo=1, hi=1 << 16),
+            num_classes=_int(d, "num_classes", where, lo=1, hi=MAX_CLASSES),
+            feature_channels=_int(d, "feature_channels", where, lo=1, hi=MAX_CHANNELS),
             weights_sha256=sha,
             random_weights=_bool(d, "random_weights", where),
             normalization=norm,
@@ -418,9 +432,9 @@ class DatasetStamp:
         out = cls(
             name=_str(d, "name", where),
             splits=_strs(d, "splits", where),
-            num_images=_int(d, "num_images", where, lo=1),
+            num_images=_int(d, "num_images", where, lo=1, hi=MAX_IMAGES),
             ids_sha256=_str(d, "ids_sha256", where),
-            class_names=_strs(d, "class_names", where),
+            class_names=_strs(d, "class_names", where, max_items=MAX_CLASSES),
             ignore_index=_int(d, "ignore_index", where, hi=65535),
         )
         if _int(d, "num_classes", where, lo=1) != out.num_classes:
@@ -452,14 +466,14 @@ class ViewsParams:
         scales = _get(d, "scales", where)
         if (
             not isinstance(scales, list)
-            or not scales
+            or not 0 < len(scales) <= 64
             or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < 100 for s in scales)
         ):
-            raise SchemaError(f"{where}.scales must be a non-empty list of positive numbers")
+            raise SchemaError(f"{where}.scales must be a list of 1 to 64 positive numbers")
         return cls(
             per_image=_int(d, "per_image", where, lo=1, hi=1 << 16),
             seed=_int(d, "seed", where, hi=2**63),
-            crop=_ints(d, "crop", where, 2, lo=1),  # type: ignore[arg-type]
+            crop=_ints(d, "crop", where, 2, lo=1, hi=MAX_PIXELS),  # type: ignore[arg-type]
             scales=tuple(float(s) for s in scales),
             flip=_bool(d, "flip", where),
         )
@@ -492,7 +506,7 @@ class DenseParams:
         return cls(
             flip=_bool(d, "flip", where),
             inference=_str(d, "inference", where, choices=("whole", "slide")),
-            tile=_ints(d, "tile", where, 2, lo=1) if tile is not None else None,  # type: ignore[arg-type]
+            tile=_ints(d, "tile", where, 2, lo=1, hi=MAX_PIXELS) if tile is not None else None,  # type: ignore[arg-type]
             overlap=_float(d, "overlap", where),
         )
 
@@ -531,6 +545,30 @@ class CacheSchema:
             raise SchemaError("num_entries must equal dataset.num_images * entries_per_image")
         if self.logits.channels != self.dataset.num_classes:
             raise SchemaError("logits.channels must equal the dataset's class count")
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        """Refuse sizes no real store has (the ``MAX_*`` limits), from the numbers alone."""
+        checks = [
+            ("num_entries", self.num_entries, MAX_ENTRIES),
+            ("dataset.num_images", self.num_images, MAX_IMAGES),
+            ("shard_entries", self.shard_entries, MAX_SHARD_ENTRIES),
+            ("id_bytes", self.id_bytes, MAX_ID_BYTES),
+            ("logits.channels", self.logits.channels, MAX_CLASSES),
+        ]
+        for name, layout in (("logits", self.logits), ("features", self.features)):
+            if layout is not None:
+                checks += [(f"{name}.grid", v, MAX_GRID) for v in layout.grid]
+                checks += [(f"{name}.block", v, MAX_GRID) for v in layout.block]
+                checks.append((f"{name}.stored_channels", layout.depth, layout.channels))
+        for name, value, hi in checks:
+            if not 1 <= value <= hi:
+                raise SchemaError(
+                    f"{ROOT_ATTR}.{name} is {value}, outside 1..{hi}: the limits of an skd cache "
+                    "(docs/cache_format.md, Limits)"
+                )
+        if self.num_images * self.id_bytes > 1 << 30:
+            raise SchemaError(f"{ROOT_ATTR}: {self.num_images} image ids of {self.id_bytes} bytes exceed 1 GiB")
 
     # -- derived ---------------------------------------------------------------------------------
     @property
@@ -614,10 +652,10 @@ class CacheSchema:
             mode=mode,
             teacher=TeacherStamp.from_dict(_get(d, "teacher", where), f"{where}.teacher"),
             dataset=DatasetStamp.from_dict(_get(d, "dataset", where), f"{where}.dataset"),
-            num_entries=_int(d, "num_entries", where, lo=1),
+            num_entries=_int(d, "num_entries", where, lo=1, hi=MAX_ENTRIES),
             entries_per_image=_int(d, "entries_per_image", where, lo=1, hi=1 << 16),
-            shard_entries=_int(d, "shard_entries", where, lo=1, hi=1 << 24),
-            id_bytes=_int(d, "id_bytes", where, lo=1, hi=4096),
+            shard_entries=_int(d, "shard_entries", where, lo=1, hi=MAX_SHARD_ENTRIES),
+            id_bytes=_int(d, "id_bytes", where, lo=1, hi=MAX_ID_BYTES),
             logits=TargetLayout.from_dict(_get(d, "logits", where), f"{where}.logits", LOGIT_CODECS),
             features=(
                 TargetLayout.from_dict(features, f"{where}.features", FEATURE_CODECS) if features is not None else None

@@ -136,6 +136,11 @@ def _read_through_class() -> type:
         download), writes it to a temporary name and renames it into place (atomic, so several
         processes can share one cache directory), and answers byte ranges from the local copy.
         Metadata documents (``zarr.json``) always come from the remote store.
+
+        A local copy is trusted only while what it holds matches the store's own checks: a reader
+        that finds an entry missing or not matching its checksum calls :meth:`forget` on the objects
+        it read and reads them again, so a store repaired at its origin (``skdcache copy
+        --checksum``) is read afresh, and a copy damaged on local disk heals itself.
         """
 
         def __init__(self, store: Any, directory: Path) -> None:
@@ -229,6 +234,19 @@ def _read_through_class() -> type:
             import asyncio
 
             return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
+
+        def forget(self, keys: list[str]) -> int:
+            """Drop the local copies of ``keys`` (the next read fetches them again); returns how many existed."""
+            dropped = 0
+            for key in keys:
+                try:
+                    self._local(key).unlink()
+                    dropped += 1
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise CacheError(f"read-through cache {self.directory}: cannot drop a stale copy ({exc})") from exc
+            return dropped
 
         async def set(self, key: str, value: Any) -> None:
             raise CacheError("a read-through cache (--cache-dir) is only for reading")

@@ -19,7 +19,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +73,9 @@ ALLOWED_DTYPES = frozenset(
         "float64",
     ]
 )
+#: The largest metadata document (``zarr.json``) a reader parses; a store's root document with its
+#: consolidated metadata is a few tens of KB.
+MAX_DOCUMENT_BYTES = 16 * 2**20
 #: Standard zarr v3 codecs a reader will run. Anything else (numcodecs.pickle, vlen codecs, ...) is refused.
 ALLOWED_CODECS = frozenset(["bytes", "zstd", "blosc", "sharding_indexed", "crc32c", "transpose"])
 
@@ -102,7 +107,7 @@ def entry_checksum(parts: dict[str, dict[str, np.ndarray]]) -> int:
             if arr.dtype.byteorder == ">":
                 arr = arr.astype(arr.dtype.newbyteorder("<"))
             h.update(f"{target}/{name}:{arr.dtype.str}:{arr.shape}".encode())
-            h.update(arr.tobytes())
+            h.update(memoryview(arr.reshape(-1)).cast("B"))  # the bytes in place: no copy on the read path
     return int.from_bytes(h.digest(), "little")
 
 
@@ -229,13 +234,20 @@ def _check_metadata_document(path: str, meta: Any) -> None:
 
 
 def _raw_document(store: Any, key: str) -> Any:
-    """The JSON document at ``key`` of a zarr store, parsed by us (None when absent)."""
+    """The JSON document at ``key`` of a zarr store, parsed by us (None when absent).
+
+    At most :data:`MAX_DOCUMENT_BYTES` are read: a larger document is refused, not parsed.
+    """
+    from zarr.abc.store import RangeByteRequest
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    limit = MAX_DOCUMENT_BYTES
+    buf = sync(store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(0, limit + 1)))
     if buf is None:
         return None
+    if len(buf) > limit:
+        raise UnsafeCacheError(f"{key} is larger than {limit // 2**20} MiB; an skd cache's metadata is far smaller")
     try:
         return json.loads(buf.to_bytes())
     except (ValueError, UnicodeDecodeError):
@@ -278,26 +290,42 @@ def _validate_group(group: Any, schema: CacheSchema) -> dict[str, Any]:
             doc = _raw_document(group.store_path.store, f"{_prefix(group)}{path}/zarr.json")
             if isinstance(doc, ValueError):
                 raise SchemaError(f"the metadata of {path} is not valid JSON")
-            if doc is not None:
-                _check_metadata_document(path, doc)
+            if doc is None:
+                raise SchemaError(f"array {path} is missing from the store (no {path}/zarr.json)")
+            _check_metadata_document(path, doc)
     try:
-        found = list(group.members(max_depth=None))
+        with warnings.catch_warnings():
+            # a folder without a zarr.json (not ours) is no member; the arrays we need were checked above
+            warnings.filterwarnings("ignore", message=".*not recognized as a component", category=UserWarning)
+            found = list(group.members(max_depth=None))
     except (KeyError, ValueError, TypeError) as exc:
         raise UnsafeCacheError(f"the store holds array metadata this reader refuses to parse ({exc})") from None
     for path, node in found:
         if hasattr(node, "metadata") and getattr(node.metadata, "node_type", "") == "array":
             _check_array_metadata(path, node)
             members[path] = node
-    expected = {p: (shape, dtype) for p, (shape, dtype, _) in _static_arrays(schema).items()}
-    for p, part in _data_arrays(schema).items():
-        expected[p] = ((schema.num_entries, *part.shape), part.dtype)
-    for p, (shape, dtype) in expected.items():
+    for p, (shape, dtype, chunks, shards) in _expected_layout(schema).items():
         arr = members.get(p)
         if arr is None:
             raise SchemaError(f"array {p} is missing from the store")
-        if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != dtype:
-            raise SchemaError(f"array {p} is {tuple(arr.shape)} {arr.dtype}, the schema implies {tuple(shape)} {dtype}")
+        if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
+            raise SchemaError(f"array {p} is {tuple(arr.shape)} {arr.dtype}, the schema implies {shape} {dtype}")
+        # the chunking decides how many objects a read touches: never let the store choose it
+        have = (tuple(arr.chunks), None if arr.shards is None else tuple(arr.shards))
+        if have != (chunks, shards):
+            raise SchemaError(f"array {p} has chunks/shards {have}, the schema implies {(chunks, shards)}")
     return members
+
+
+def _expected_layout(schema: CacheSchema) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...], Any]]:
+    """path -> (shape, dtype, chunk shape, shard shape or None) of every array the schema implies."""
+    out: dict[str, tuple[tuple[int, ...], str, tuple[int, ...], Any]] = {
+        p: (tuple(shape), dtype, tuple(chunks), None) for p, (shape, dtype, chunks) in _static_arrays(schema).items()
+    }
+    e, s = schema.num_entries, schema.shard_entries
+    for p, part in _data_arrays(schema).items():
+        out[p] = ((e, *part.shape), part.dtype, (1, *part.shape), (s, *part.shape))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +376,67 @@ def _read_schema(group: Any, url: str) -> CacheSchema:
     attrs = group.attrs.asdict()
     if ROOT_ATTR not in attrs:
         raise NotACacheError(f"{url} is a zarr group but not an skd cache (no '{ROOT_ATTR}' attribute)")
-    return CacheSchema.from_dict(attrs[ROOT_ATTR])
+    schema = CacheSchema.from_dict(attrs[ROOT_ATTR])
+    _check_sizes(schema)
+    return schema
+
+
+#: The most bytes one entry's encoded parts may take, and one shard object of one part.
+MAX_ENTRY_BYTES = 1 << 30
+MAX_SHARD_BYTES = 1 << 32
+
+
+def _check_sizes(schema: CacheSchema) -> None:
+    """Refuse entries and shard objects larger than any real store's, from the schema's numbers alone."""
+    sizes = {p: int(np.prod(part.shape)) * np.dtype(part.dtype).itemsize for p, part in _data_arrays(schema).items()}
+    if schema.features is not None and schema.features.codec == "pca":
+        sizes[Arrays.PCA_BASIS] = 4 * schema.features.depth * schema.features.channels
+    entry = sum(sizes.values())
+    if entry > MAX_ENTRY_BYTES:
+        raise SchemaError(
+            f"{ROOT_ATTR}: one entry would take {entry / 2**30:.1f} GiB (limit {MAX_ENTRY_BYTES // 2**30} GiB; "
+            "docs/cache_format.md): the store's metadata is damaged or not an skd cache's"
+        )
+    path, biggest = max(sizes.items(), key=lambda kv: kv[1])
+    if biggest * schema.shard_entries > MAX_SHARD_BYTES:
+        raise SchemaError(
+            f"{ROOT_ATTR}: a shard of {path} would take {biggest * schema.shard_entries / 2**30:.1f} GiB "
+            f"(limit {MAX_SHARD_BYTES // 2**30} GiB; docs/cache_format.md): the store's metadata is damaged "
+            "or not an skd cache's"
+        )
+
+
+def _check_tables_present(group: Any, schema: CacheSchema, url: str) -> None:
+    """Refuse a store whose tables hold fewer objects than its schema claims, before reading them.
+
+    Reading the tables costs a request per chunk whether the chunk exists or not, so a few bytes of
+    metadata claiming millions of entries would cost minutes. ``entries/grid`` (never zero, written
+    when the store is created) has one object per shard in every store; counting them is one
+    listing, proportional to what the store really holds. Plain HTTP cannot list: there the
+    ``MAX_*`` limits alone bound the work.
+    """
+    from zarr.core.sync import sync
+
+    if url.startswith(("http://", "https://")):
+        return
+    expected = schema.num_shards
+    prefix = f"{_prefix(group)}{Arrays.ENTRY_GRID}/"
+
+    async def count() -> int:
+        n = 0
+        async for key in group.store.list_prefix(prefix):
+            n += not key.endswith("zarr.json")
+            if n >= expected:
+                break
+        return n
+
+    found = sync(count())
+    if found < expected:
+        raise SchemaError(
+            f"{url} claims {schema.num_entries} entries in {expected} shards, but holds {found} of the "
+            f"{expected} objects of {Arrays.ENTRY_GRID}: the store is truncated or its metadata was altered; "
+            "copy it again or rebuild it"
+        )
 
 
 class CacheReader:
@@ -380,6 +468,8 @@ class CacheReader:
         self.entry_flip = self._table(Arrays.ENTRY_FLIP).astype(bool)
         self.entry_grid = self._table(Arrays.ENTRY_GRID).astype(np.int64)
         self.done = self._table(Arrays.ENTRY_DONE).astype(bool)
+        # every read is compared with it (8 bytes an entry, loaded once per process)
+        self.entry_checksums = self._table(Arrays.ENTRY_CHECKSUM)
         if len(set(self.image_ids)) != len(self.image_ids):
             raise SchemaError("images/id holds duplicate ids")
         if self.entry_image.min(initial=0) < 0 or self.entry_image.max(initial=0) >= schema.num_images:
@@ -461,7 +551,7 @@ class CacheReader:
         )
 
     def checksums(self) -> np.ndarray:
-        return self._table(Arrays.ENTRY_CHECKSUM)
+        return self.entry_checksums
 
     # -- entries --------------------------------------------------------------------------------
     def _part_arrays(self) -> list[tuple[str, str, Any]]:
@@ -472,14 +562,32 @@ class CacheReader:
                 out.append((target, name, self._arrays[f"{group}/{name}"]))
         return out
 
-    def read_parts(self, i: int) -> dict[str, dict[str, np.ndarray]]:
-        """The encoded parts of entry ``i``: all parts are fetched concurrently, one chunk each."""
-        from zarr.core.sync import sync
+    def read_parts(self, i: int, *, check: bool = True) -> dict[str, dict[str, np.ndarray]]:
+        """The encoded parts of entry ``i``: all parts are fetched concurrently, one chunk each.
 
+        With ``check`` (the default) the parts are compared with the entry's build-time checksum, so
+        a chunk that is missing (zarr would hand back fill values) or altered is never returned.
+        Local copies of a read-through cache that fail the check are dropped and read again once.
+
+        Raises:
+            IncompleteCacheError: the entry was never written.
+            CorruptEntryError: a chunk does not decode, is missing or does not match the checksum.
+        """
         if not 0 <= i < self.num_entries:
             raise IndexError(f"entry {i} out of range (the cache has {self.num_entries})")
         if not self.done[i]:
             raise IncompleteCacheError(f"entry {i} of {self.url} was never written (its build did not finish)")
+        try:
+            return self._checked_parts(i, check)
+        except CorruptEntryError:
+            forget = getattr(self.group.store, "forget", None)
+            if forget is None or not forget(self._shard_keys(i)):
+                raise
+        return self._checked_parts(i, check)
+
+    def _checked_parts(self, i: int, check: bool) -> dict[str, dict[str, np.ndarray]]:
+        from zarr.core.sync import sync
+
         arrays = self._part_arrays()
 
         async def fetch():
@@ -491,14 +599,41 @@ class CacheReader:
         except CacheError:
             raise
         except Exception as exc:
-            raise CorruptEntryError(
-                f"entry {i} ({self.image_ids[self.entry_image[i]]}) of {self.url} cannot be read: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} — run `skdcache verify`"
-            ) from exc
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            raise self._damaged(i, f"a chunk does not decode ({type(exc).__name__}: {text})") from exc
         out: dict[str, dict[str, np.ndarray]] = {}
         for (target, name, _), v in zip(arrays, values, strict=True):
             out.setdefault(target, {})[name] = np.asarray(v)
+        if check and entry_checksum(out) != int(self.entry_checksums[i]):
+            raise self._damaged(i, self._why_mismatch(i))
         return out
+
+    def _shard_keys(self, i: int) -> list[str]:
+        """Store keys of the shard objects that hold entry ``i``'s parts."""
+        shard = i // self.schema.shard_entries
+        arrays = [a for _, _, a in self._part_arrays()]
+        return [f"{a.path}/{a.metadata.encode_chunk_key((shard,) + (0,) * (a.ndim - 1))}" for a in arrays]
+
+    def _why_mismatch(self, i: int) -> str:
+        """Why entry ``i`` failed its checksum, as far as one look at the store tells (error path only)."""
+        from zarr.core.sync import sync
+
+        store = self.group.store
+        try:
+            with storage_errors(self.url):
+                missing = [k for k in self._shard_keys(i) if not sync(store.exists(k))]
+        except CacheError:
+            missing = []
+        if missing:
+            return f"its shard object {missing[0]} is missing"
+        return "its data does not match its build-time checksum (a chunk is missing from its shard or altered)"
+
+    def _damaged(self, i: int, why: str) -> CorruptEntryError:
+        return CorruptEntryError(
+            f"entry {i} ({self.image_ids[self.entry_image[i]]}) of {self.url} is damaged: {why} — run "
+            f"`skdcache verify {self.url}` and repair it from a sound copy (`skdcache copy SOUND {self.url} "
+            "--checksum`) or rebuild it"
+        )
 
     def decode(self, i: int, parts: dict[str, dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray | None]:
         """Decoded (logits, feature) of entry ``i`` cropped to its valid grid / cells."""
@@ -510,15 +645,9 @@ class CacheReader:
             feature = self.feature_codec.decode(parts["features"])[:, : -(-h // bh), : -(-w // bw)]
         return np.ascontiguousarray(logits), None if feature is None else np.ascontiguousarray(feature)
 
-    def read_entry(self, i: int, *, check: bool = False) -> CacheEntry:
-        """Read and decode entry ``i``; with ``check`` also compare its checksum."""
-        parts = self.read_parts(i)
-        if check:
-            want = int(self._arrays[Arrays.ENTRY_CHECKSUM][i])
-            if entry_checksum(parts) != want:
-                raise CorruptEntryError(
-                    f"entry {i} ({self.image_ids[self.entry_image[i]]}) of {self.url} does not match its checksum"
-                )
+    def read_entry(self, i: int, *, check: bool = True) -> CacheEntry:
+        """Read and decode entry ``i``, compared with its build-time checksum unless ``check`` is False."""
+        parts = self.read_parts(i, check=check)
         logits, feature = self.decode(i, parts)
         img = int(self.entry_image[i])
         return CacheEntry(
@@ -559,12 +688,14 @@ def open_cache(
     group = _open_group(url, storage_options)
     schema = _read_schema(group, url)
     if cache_dir is not None and is_remote(url) and schema.status == "complete":
-        # a complete store's objects never change: read them through the local cache, in a
-        # namespace of this very build (a store rebuilt at the same URL gets a fresh one)
+        # a complete store's objects change only by a repair: read them through the local cache, in
+        # a namespace of this very build (a store rebuilt at the same URL gets a fresh one); a local
+        # copy that fails a read's checksum is dropped and fetched again (CacheReader.read_parts)
         key = hashlib.sha256(json.dumps(group.attrs[ROOT_ATTR], sort_keys=True).encode()).hexdigest()
         group = _open_group(url, storage_options, str(cache_dir), cache_key=key)
     with storage_errors(url):
         arrays = _validate_group(group, schema)
+        _check_tables_present(group, schema, url)
     if schema.status != "complete" and not allow_incomplete:
         raise IncompleteCacheError(
             f"the cache at {url} is incomplete (its build has not finished): re-run the same "
@@ -585,7 +716,12 @@ class CacheWriter:
         self.group = group
         self.schema = schema
         self.storage_options = storage_options
-        self._arrays = {p: group[p] for p in list(_static_arrays(schema)) + list(_data_arrays(schema))}
+        # zarr keeps write_empty_chunks in the array object, not in the store: without it here an
+        # all-zero chunk would be skipped and could not be told from a lost one
+        self._arrays = {
+            p: group[p].with_config({"write_empty_chunks": True})
+            for p in list(_static_arrays(schema)) + list(_data_arrays(schema))
+        }
 
     def done(self) -> np.ndarray:
         with storage_errors(self.url):
@@ -657,9 +793,18 @@ class CacheWriter:
         return self.schema
 
 
-def _known_paths(schema: CacheSchema) -> set[str]:
-    paths = set(_static_arrays(schema)) | set(_data_arrays(schema))
-    return paths | {p.rsplit("/", 1)[0] for p in paths}
+#: Attribute of the root document while skd lays a store out: the group's first document carries it,
+#: before any other object exists, and the schema attribute replaces it once the store is complete.
+#: It is what proves that the objects of an interrupted creation are skd's to clear.
+CREATION_ATTR = "skd_creation"
+
+#: Keys an skd store consists of: the root document, group documents, array documents and chunks.
+_STORE_KEY = re.compile(r"^zarr\.json$|^[a-z_]+/zarr\.json$|^[a-z_]+/[a-z_0-9]+/(zarr\.json|c(/[0-9]+)+)$")
+
+
+def _written_by_creation(key: str) -> bool:
+    """Whether an object at relative ``key`` is one that :func:`_create_store` writes."""
+    return bool(_STORE_KEY.match(key))
 
 
 def _create_store(
@@ -677,7 +822,9 @@ def _create_store(
 
     store = open_store(url, read_only=False, storage_options=storage_options)
     with storage_errors(url, writing=True):
-        group = zarr.open_group(store, mode="w", zarr_format=3)
+        # first object written: the root document with the creation marker (never over anything)
+        marker = {"tool_version": __version__, "created": schema.created or _now()}
+        group = zarr.create_group(store, zarr_format=3, attributes={CREATION_ATTR: marker})
         for path, (shape, dtype, chunks) in _static_arrays(schema).items():
             group.create_array(
                 path,
@@ -713,8 +860,8 @@ def _create_store(
         if pca is not None:
             group[Arrays.PCA_BASIS][...] = pca[0]
             group[Arrays.PCA_MEAN][...] = pca[1]
-        # the schema attribute is written last: a store without it is an unfinished creation
-        group.attrs[ROOT_ATTR] = schema.to_dict()
+        # last, in one write of the root document: the schema attribute replaces the marker
+        group.attrs.put({ROOT_ATTR: schema.to_dict()})
     return group
 
 
@@ -725,6 +872,125 @@ def _is_empty_location(url: str, storage_options: dict | None) -> bool:
     return not url_exists(url, storage_options)
 
 
+def _location_fs(url: str, storage_options: dict | None) -> tuple[Any, str]:
+    """(fsspec filesystem, root path) of a location; plain paths get the local filesystem."""
+    import fsspec
+
+    if not is_remote(url):
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem(), str(local_path(url).absolute())
+    fs, path = fsspec.url_to_fs(url, **(storage_options or {}))
+    return fs, path.rstrip("/")
+
+
+def _objects_at(fs: Any, root: str) -> list[str]:
+    """Relative keys of every object (file) under ``root``, sorted."""
+    out = []
+    for path in fs.find(root):
+        rel = path[len(root) :].lstrip("/") if path.startswith(root) else path.rsplit(root + "/", 1)[-1]
+        out.append(rel)
+    return sorted(out)
+
+
+def _root_document(fs: Any, root: str) -> tuple[str, Any]:
+    """What a non-empty location is: ("file", None), ("plain", None) or ("zarr", parsed root document)."""
+    if fs.isfile(root):
+        return "file", None
+    try:
+        raw = fs.cat_file(f"{root}/zarr.json")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return "plain", None
+    try:
+        return "zarr", json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return "zarr", None
+
+
+def _zarr_kind(doc: Any) -> str:
+    if not isinstance(doc, dict):
+        return "a zarr.json that is not valid zarr metadata"
+    node = doc.get("node_type")
+    return f"a zarr {node}" if node in ("group", "array") else "a zarr.json that is not zarr v3 metadata"
+
+
+def _judge_destination(url: str, schema: CacheSchema, overwrite: bool, storage_options: dict | None) -> Any:
+    """Decide what to do with a non-empty destination.
+
+    Returns a :class:`CacheWriter` when a store of this configuration is there (resume, or nothing to
+    do when it is complete), or None when the location is skd's to clear (an interrupted creation
+    holding only objects skd writes) or ``overwrite`` forces it (a store of another configuration, or
+    any other zarr store). A location that holds no zarr store at all is never cleared.
+
+    Raises:
+        NotACacheError, ConfigMismatchError: the destination must not be touched.
+    """
+    fs, root = _location_fs(url, storage_options)
+    with storage_errors(url):
+        kind, doc = _root_document(fs, root)
+        # one example is enough (never walk a whole home directory given as --out by mistake)
+        example = sorted(fs.ls(root, detail=False))[:1] if kind == "plain" else []
+    if kind == "file":
+        raise NotACacheError(
+            f"{url} is a file, not an skd cache; refusing to write there: choose another --out "
+            "(skd never deletes it, even with --overwrite)"
+        )
+    if kind == "plain":
+        held = example[0].rstrip("/").rsplit("/", 1)[-1] if example else "nothing"
+        raise NotACacheError(
+            f"{url} exists and is not an skd cache; refusing to write there (it holds what skd did not write, "
+            f"e.g. {held}): choose another --out (skd never deletes it, even with --overwrite)"
+        )
+    attrs = doc.get("attributes") if isinstance(doc, dict) and doc.get("node_type") == "group" else None
+    attrs = attrs if isinstance(attrs, dict) else {}
+    if ROOT_ATTR in attrs:
+        return _reopen_cache(url, schema, overwrite, storage_options)
+    if CREATION_ATTR in attrs:
+        with storage_errors(url):
+            strangers = [k for k in _objects_at(fs, root) if not _written_by_creation(k)]
+        if not strangers:
+            logger.info("%s: an earlier creation did not finish; creating the store again", url)
+            return None
+        if overwrite:
+            return None
+        raise NotACacheError(
+            f"{url} holds an unfinished skd store and {len(strangers)} file(s) skd did not write "
+            f"(e.g. {strangers[0]}); refusing to delete them: move them away, or pass --overwrite "
+            f"to delete everything at {url}"
+        )
+    if overwrite:
+        return None
+    raise NotACacheError(
+        f"{url} holds {_zarr_kind(doc)} that is not an skd cache; refusing to write there: choose another "
+        f"--out, or pass --overwrite to delete everything at {url} and write the cache there"
+    )
+
+
+def _reopen_cache(url: str, schema: CacheSchema, overwrite: bool, storage_options: dict | None) -> Any:
+    """A writer on the skd cache at ``url`` when it has this configuration; None when ``overwrite`` replaces it."""
+    try:
+        group = _open_group(url, storage_options, read_only=False)
+        old: CacheSchema | None = CacheSchema.from_dict(group.attrs.asdict()[ROOT_ATTR])
+    except CacheError as exc:
+        if overwrite:
+            return None
+        raise ConfigMismatchError(
+            f"{url} holds a cache this version cannot resume ({exc}); pass --overwrite to replace it"
+        ) from None
+    assert old is not None
+    if old.content_key() == schema.content_key():
+        with storage_errors(url):
+            _validate_group(group, old)
+        return CacheWriter(url, group, old, storage_options)
+    if overwrite:
+        return None
+    diff = _first_difference(old.content_key(), schema.content_key())
+    raise ConfigMismatchError(
+        f"{url} already holds a cache built with a different configuration ({diff}); "
+        "pass --overwrite to replace it, or choose another --out"
+    )
+
+
 def prepare_cache(
     url: str | os.PathLike,
     schema: CacheSchema,
@@ -733,59 +999,43 @@ def prepare_cache(
     image_sizes: np.ndarray,
     views: list[View],
     grids: np.ndarray,
-    pca: tuple[np.ndarray, np.ndarray] | None = None,
+    pca: tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
     overwrite: bool = False,
     storage_options: dict | None = None,
 ) -> tuple[CacheWriter, bool]:
-    """Create a store, or reopen an unfinished one built with the same configuration.
+    """Create a store, or reopen an unfinished (or complete) one built with the same configuration.
+
+    What is at ``url`` decides: nothing (or an empty folder) -> created; an skd cache of this
+    configuration -> reopened (a complete one comes back with ``writer.schema.status ==
+    "complete"``: nothing to do); an interrupted creation of skd's (root marked with
+    :data:`CREATION_ATTR`, nothing else there) -> cleared and created again. Only with ``overwrite``:
+    an skd cache of another configuration, or any other zarr store (with whatever lies beside it), is
+    deleted and replaced. Never, even with ``overwrite``: a file, or a folder that holds no zarr store.
+
+    Args:
+        pca: the PCA (basis, mean) of a ``pca`` feature codec, or a function computing it, called
+            only when a store is created (a resumed store keeps its own basis).
 
     Returns:
         (writer, resumed). ``resumed`` is True when an existing store is continued.
 
     Raises:
         ConfigMismatchError: a store exists with another configuration and ``overwrite`` is False.
-        NotACacheError: something that is not an skd cache exists at ``url`` (never deleted).
+        NotACacheError: something that is not an skd cache exists at ``url`` (never deleted without
+            ``overwrite``, a non-zarr location never).
     """
     url = str(url)
     if len(image_ids) != schema.num_images or len(views) != schema.num_entries:
         raise ValueError("image ids / views do not match the schema")
+    clear = False
     if not _is_empty_location(url, storage_options):
-        existing_group = None
-        try:
-            existing_group = _open_group(url, storage_options, read_only=False)
-        except NotACacheError:
-            pass
-        if existing_group is None:
-            raise NotACacheError(
-                f"{url} exists and is not an skd cache; refusing to write there (choose another --out)"
-            )
-        attrs = existing_group.attrs.asdict()
-        if ROOT_ATTR not in attrs:
-            members = {p for p, _ in existing_group.members(max_depth=None)}
-            if members - _known_paths(schema):
-                raise NotACacheError(
-                    f"{url} is a zarr group that is not an skd cache; refusing to write there (choose another --out)"
-                )
-            logger.info("%s: an earlier creation did not finish; creating the store again", url)
-        else:
-            try:
-                old = CacheSchema.from_dict(attrs[ROOT_ATTR])
-            except CacheError as exc:
-                if not overwrite:
-                    raise ConfigMismatchError(
-                        f"{url} holds a cache this version cannot resume ({exc}); pass --overwrite to replace it"
-                    ) from None
-                old = None
-            if old is not None and old.content_key() == schema.content_key():
-                with storage_errors(url):
-                    _validate_group(existing_group, old)
-                return CacheWriter(url, existing_group, old, storage_options), True
-            if not overwrite:
-                diff = _first_difference(old.content_key() if old else {}, schema.content_key())
-                raise ConfigMismatchError(
-                    f"{url} already holds a cache built with a different configuration ({diff}); "
-                    "pass --overwrite to replace it, or choose another --out"
-                )
+        writer = _judge_destination(url, schema, overwrite, storage_options)
+        if writer is not None:
+            return writer, True
+        clear = True
+    if callable(pca):
+        pca = pca()  # may fail (a bad teacher): before anything at the destination is deleted
+    if clear:
         remove_store(url, storage_options)
     schema = schema.with_status(status="building", created=_now(), tool_version=__version__)
     group = _create_store(

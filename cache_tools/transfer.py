@@ -93,14 +93,25 @@ def _listing(fs: Any, root: str) -> dict[str, int]:
     return out
 
 
-def _location(url: str) -> str:
-    return str(local_path(url).resolve()) if not is_remote(url) else url.rstrip("/")
+def _location(url: str) -> tuple[str, ...]:
+    """A location as path components (protocol first), so that nesting is a prefix test."""
+    if not is_remote(url):
+        return ("file", *local_path(url).resolve().parts)
+    protocol, _, rest = url.partition("://")
+    return (protocol.lower(), *(p for p in rest.split("/") if p and p != "."))
 
 
 def _refuse_same(dst: str, srcs: Sequence[str]) -> None:
+    """Refuse a destination that is a source, lies inside one, or holds one (local paths and URLs)."""
+    d = _location(str(dst))
     for s in srcs:
-        if _location(str(s)) == _location(str(dst)):
+        loc = _location(str(s))
+        if loc == d:
             raise CacheError(f"the destination {dst} is also a source; write to a new location")
+        if d[: len(loc)] == loc:
+            raise CacheError(f"the destination {dst} is inside the source {s}; write to a location outside it")
+        if loc[: len(d)] == d:
+            raise CacheError(f"the source {s} is inside the destination {dst}; write to a location outside it")
 
 
 def _digest(data: bytes) -> bytes:
@@ -125,8 +136,8 @@ def copy_cache(
         dst: where to put it; a partial copy there is continued.
         storage_options: fsspec options for ``src`` (and ``dst`` unless ``dst_storage_options``).
         dst_storage_options: fsspec options for ``dst``.
-        overwrite: replace a *different* cache at ``dst`` (anything that is not a cache is never
-            deleted).
+        overwrite: replace a *different* cache, or another zarr store, at ``dst`` (files that are
+            neither a zarr store nor part of a partial copy of ``src`` are never deleted).
         checksum: compare every object already at ``dst`` by content, not only by size (repairs a
             damaged copy: objects whose bytes differ are copied again).
         workers: objects copied in parallel.
@@ -135,6 +146,7 @@ def copy_cache(
     Raises:
         ConfigMismatchError: ``dst`` holds another cache and ``overwrite`` is False.
         NotACacheError: ``dst`` holds files that are not (a partial copy of) this cache.
+        CacheError: ``dst`` is ``src``, lies inside it or holds it.
         CacheWriteError: ``dst`` cannot be written, or an object read back differs.
     """
     t0 = time.perf_counter()
@@ -160,8 +172,11 @@ def copy_cache(
     if "zarr.json" in existing:
         dst_root_doc = _read(dfs, f"{droot}/zarr.json", dst)
         if dst_root_doc != src_root_doc:
-            if not _is_cache(dst, dst_opts):
-                raise NotACacheError(f"{dst} holds something that is not an skd cache; refusing to write there")
+            if not _is_cache(dst, dst_opts) and not overwrite:
+                raise NotACacheError(
+                    f"{dst} holds a zarr store that is not an skd cache; refusing to write there: choose another "
+                    f"destination, or pass --overwrite to delete everything at {dst}"
+                )
             if not overwrite:
                 raise ConfigMismatchError(
                     f"{dst} already holds a different cache (or another state of this one); pass --overwrite to replace it"
@@ -173,7 +188,8 @@ def copy_cache(
         strangers = sorted(set(existing) - set(objects))
         if strangers:
             raise NotACacheError(
-                f"{dst} holds files that are not part of {src} (e.g. {strangers[0]}); refusing to write there"
+                f"{dst} holds files that are not part of {src} (e.g. {strangers[0]}); refusing to write there: "
+                "choose another destination (skd never deletes files it did not write)"
             )
         logger.info("%s: continuing a partial copy (%d objects there)", dst, len(existing))
 
@@ -407,6 +423,9 @@ def _write_store(
         overwrite=overwrite,
         storage_options=dst_storage_options,
     )
+    if writer.schema.status == "complete":
+        # nothing to do: finalising again would rewrite the provenance and the root document
+        return _report(dst, sources, writer.schema, 0, resumed, 0, t0)
     pending = writer.pending_shards()
     paths = list(_data_arrays(writer.schema))
     state = {"entries": schema.num_entries - len(pending) * schema.shard_entries, "bytes": 0}
@@ -464,16 +483,21 @@ def _write_store(
             state["bytes"] += n
             if progress is not None:
                 progress(state["entries"], schema.num_entries)
-    final = writer.finalize()
+    return _report(dst, sources, writer.finalize(), len(pending), resumed, state["bytes"], t0)
+
+
+def _report(
+    dst: str, sources: list[str], final: CacheSchema, written: int, resumed: bool, nbytes: int, t0: float
+) -> WriteReport:
     return WriteReport(
         dst=dst,
         sources=sources,
         images=final.num_images,
         entries=final.num_entries,
         shards=final.num_shards,
-        shards_written=len(pending),
+        shards_written=written,
         resumed=resumed,
-        bytes_encoded=state["bytes"],
+        bytes_encoded=nbytes,
         seconds=time.perf_counter() - t0,
         schema=final,
     )

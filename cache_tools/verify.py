@@ -7,7 +7,8 @@ chunk is missing, decodes the chunks from memory and compares
 reported by image id:
 
 * **missing** -- the entry's done marker is unset (its build never wrote it);
-* **partial** -- marked done, but a shard object or an inner chunk is missing from the store;
+* **partial** -- marked done, but a shard object or an inner chunk is missing from the store (and
+  the fill value it reads as is not what was written: the checksum tells);
 * **corrupt** -- a chunk does not decode (zstd frame checksum, shard index crc) or the decoded parts
   do not match the checksum written at build time.
 
@@ -264,46 +265,74 @@ def _fetch(reader: CacheReader, keys: list[str]) -> list[bytes | None]:
 
 
 def _verify_shard(job: _Job, shard: int) -> _ShardResult:
+    r: CacheReader = _opened(job, "reader")
+    out, keys = _scan_shard(job, r, shard)
+    forget = getattr(r.group.store, "forget", None)
+    if forget is not None and any(p.kind in ("partial", "corrupt") for p in out.problems) and forget(keys):
+        # local copies of a read-through cache: what was found may be stale (the origin repaired
+        # since); look at the origin's objects again
+        out, _ = _scan_shard(job, r, shard)
+    if job.dataset_root is not None:
+        out.problems.extend(_check_images(job, r, shard, r.done[slice(*r.schema.shard_range(shard))], out))
+    return out
+
+
+def _wanted_checksums(job: _Job, r: CacheReader, a: int, b: int, flag: Callable) -> np.ndarray | None:
+    """Checksums of entries [a, b) as the store records them; None (every done entry flagged) if unreadable."""
     from .storage import storage_errors
 
-    r: CacheReader = _opened(job, "reader")
+    try:
+        with storage_errors(job.url):
+            return r.array(Arrays.ENTRY_CHECKSUM)[a:b]
+    except CacheError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged table: every entry of the shard is unverifiable
+        for e in range(a, b):
+            if r.done[e]:
+                flag(e, "corrupt", f"its checksum in entries/checksum does not decode ({type(exc).__name__})")
+        return None
+
+
+def _scan_shard(job: _Job, r: CacheReader, shard: int) -> tuple[_ShardResult, list[str]]:
+    """Decode every done entry of one shard and compare it with its checksum; returns the keys read.
+
+    A chunk that is missing reads as the fill value, which is sound only where the entry's checksum
+    says the fill value is what was written (an all-zero chunk a writer skipped); otherwise the
+    entry is *partial*.
+    """
+    from .storage import storage_errors
+
     s = r.schema
     a, b = s.shard_range(shard)
     out = _ShardResult(shard=shard, entries=b - a)
     ids = r.image_ids
     done = r.done[a:b]
     bad: dict[int, Problem] = {}
+    absent: dict[int, str] = {}
 
     def flag(e: int, kind: str, reason: str) -> None:
         if e not in bad:
             bad[e] = Problem(ids[int(r.entry_image[e])], kind, reason, e)
 
-    try:
-        with storage_errors(job.url):
-            want = r.array(Arrays.ENTRY_CHECKSUM)[a:b]
-    except CacheError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a damaged table: every entry of the shard is unverifiable
-        want = None
-        for e in range(a, b):
-            if done[e - a]:
-                flag(e, "corrupt", f"its checksum in entries/checksum does not decode ({type(exc).__name__})")
-
+    want = _wanted_checksums(job, r, a, b, flag)
     for e in range(a, b):
         if not done[e - a]:
             flag(e, "missing", "never written (its done marker is unset)")
     parts: dict[str, dict[str, list[Any]]] = {}
     todo = [e for e in range(a, b) if done[e - a]]
+    paths = list(_data_arrays(s))
+    arrays = [r.array(p) for p in paths]
+    keys = [f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))}" for arr in arrays]
     if todo:
-        paths = list(_data_arrays(s))
-        arrays = [r.array(p) for p in paths]
-        keys = [arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1)) for arr in arrays]
         with storage_errors(job.url):
-            blobs = _fetch(r, [f"{p}/{k}" for p, k in zip(paths, keys, strict=True)])
+            blobs = _fetch(r, keys)
         for path, arr, key, data in zip(paths, arrays, keys, blobs, strict=True):
+            target, name = path.split("/", 1)
             if data is None:
+                fill = np.full(arr.shape[1:], arr.metadata.fill_value, dtype=arr.dtype)
+                parts.setdefault(target, {})[name] = [fill] * (b - a)
                 for e in todo:
-                    flag(e, "partial", f"the shard object {path}/{key} is missing")
+                    absent.setdefault(e, f"the shard object {key} is missing")
                 continue
             out.bytes_read += len(data)
             meta = arr.metadata.to_dict()
@@ -312,30 +341,30 @@ def _verify_shard(job: _Job, shard: int) -> _ShardResult:
                 index = None if n_chunks is None else _shard_index(meta, data, n_chunks)
             except ValueError as exc:
                 for e in todo:
-                    flag(e, "corrupt", f"{path}/{key}: {exc}")
+                    flag(e, "corrupt", f"{key}: {exc}")
                 continue
             if index is not None:
                 for e in todo:
                     if e - a < len(index) and index[e - a, 0] == _MAX_U64:
-                        flag(e, "partial", f"its chunk of {path} is missing from the shard")
-            values, failed = _decode_shard(arr, key, data, a, b)
+                        absent.setdefault(e, f"its chunk of {path} is missing from the shard")
+            values, failed = _decode_shard(arr, key[len(arr.path) + 1 :], data, a, b)
             for e, why in failed.items():
                 if done[e - a]:
                     flag(e, "corrupt", f"{path} does not decode ({why})")
-            target, name = path.split("/", 1)
             parts.setdefault(target, {})[name] = values
         for e in todo:
             if e in bad:
                 continue
             entry = {t: {n: v[e - a] for n, v in p.items()} for t, p in parts.items()}
             if want is None or entry_checksum(entry) != int(want[e - a]):
-                flag(e, "corrupt", "the decoded parts do not match the checksum written at build time")
+                if e in absent:
+                    flag(e, "partial", absent[e])
+                else:
+                    flag(e, "corrupt", "the decoded parts do not match the checksum written at build time")
             else:
                 out.entries_ok += 1
     out.problems.extend(bad[e] for e in sorted(bad))
-    if job.dataset_root is not None:
-        out.problems.extend(_check_images(job, r, shard, done, out))
-    return out
+    return out, keys
 
 
 def _check_images(job: _Job, r: CacheReader, shard: int, done: np.ndarray, out: _ShardResult) -> list[Problem]:

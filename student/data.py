@@ -10,9 +10,11 @@ Three sources feed one sample type:
   it and the teacher targets are the stored ones, exact.
 
 The cache is opened lazily inside each DataLoader worker (fsspec filesystems are not fork-safe)
-and every sample reads exactly one chunk per stored part. Randomness comes from a per-draw
-generator seeded by ``(seed, draw)``, so samples do not depend on worker count or order and a
-resumed run sees the same stream.
+and every sample reads exactly one chunk per stored part, compared with the entry's build-time
+checksum in the worker: a missing or altered chunk stops training with the entry's id instead of
+teaching fill values (``benchmarks/read_checks.py`` measures what the check costs). Randomness
+comes from a per-draw generator seeded by ``(seed, draw)``, so samples do not depend on worker
+count or order and a resumed run sees the same stream.
 """
 
 from __future__ import annotations
@@ -397,12 +399,16 @@ class DrawSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         position = self.start * self.world + self.rank
+        epoch, perm = -1, np.arange(self.n)
         while True:
-            epoch, i = divmod(position, self.n)
-            if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            else:
-                perm = np.arange(self.n)
+            e, i = divmod(position, self.n)
+            if e != epoch and self.shuffle:  # one permutation per epoch, not per draw
+                perm = self.permutation(e)
+            epoch = e
             # draws are unique across epochs: the rng of a sample depends on the epoch too
             yield int(epoch * self.n + perm[i])
             position += self.world
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order of epoch ``epoch``: a permutation of ``range(n)`` seeded by ``(seed, epoch)``."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)

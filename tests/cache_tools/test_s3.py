@@ -6,6 +6,7 @@ on AWS, including retries of transient errors injected by its middleware.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from cache_tools import open_cache
-from cache_tools.errors import CacheError, CacheNotFoundError, CacheWriteError
+from cache_tools.errors import CacheError, CacheNotFoundError, CacheWriteError, CorruptEntryError
 from cache_tools.inspect import describe_cache
 from cache_tools.testing import make_synthetic_cache, synthetic_schema
 from cache_tools.transfer import copy_cache, merge_caches, subset_cache
@@ -113,6 +114,28 @@ def test_read_through_cache_dir(s3, local_cache, tmp_path):
     assert s3.faults.requests == before and r2.group.store.hits > 0 and r2.group.store.misses == 0
     _assert_same_entries(local_cache, url, b_opts=s3.storage_options, cache_dir=cache_dir)
     assert verify_cache(url, storage_options=s3.storage_options, cache_dir=str(cache_dir)).sound
+
+
+@pytest.mark.s3
+def test_a_repaired_store_is_read_afresh_through_the_cache_dir(s3, local_cache, tmp_path):
+    """A damaged object read through --cache-dir, the documented repair (`copy --checksum`), then
+    the same cache dir: the stale local copy fails its checksum, is dropped and fetched again."""
+    opts = s3.storage_options
+    url = f"{s3.bucket}/c.zarr"
+    copy_cache(local_cache, url, storage_options=opts)
+    client, bucket = s3.client(), s3.bucket.removeprefix("s3://")
+    other = client.get_object(Bucket=bucket, Key="c.zarr/logits/dq/c/1/0/0/0")["Body"].read()
+    client.put_object(Bucket=bucket, Key="c.zarr/logits/dq/c/0/0/0/0", Body=other)  # decodes, wrong entries
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(CorruptEntryError, match="does not match its build-time checksum"):
+        open_cache(url, storage_options=opts, cache_dir=cache_dir).read_entry(0)
+    assert verify_cache(url, storage_options=opts, cache_dir=str(cache_dir)).corrupt == [IDS[0], IDS[1]]
+    (local,) = cache_dir.rglob(hashlib.sha256(b"logits/dq/c/0/0/0/0").hexdigest())
+    assert local.read_bytes() == other  # the stale copy
+    copy_cache(local_cache, url, storage_options=opts, checksum=True)
+    _assert_same_entries(local_cache, url, b_opts=opts, cache_dir=cache_dir)
+    assert verify_cache(url, storage_options=opts, cache_dir=str(cache_dir)).sound
+    assert local.read_bytes() == (Path(local_cache) / "logits/dq/c/0/0/0/0").read_bytes()
 
 
 @pytest.mark.s3

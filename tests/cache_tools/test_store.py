@@ -172,3 +172,115 @@ def test_import_is_torch_free():
     code = "import cache_tools, cache_tools.store, cache_tools.inspect, sys; print(sorted(m for m in ('torch','dask','typer','rich') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------
+# every read is checked
+
+
+def _shard_object(url, part: str, shard: int):
+    arr = zarr.open_array(str(url / part), mode="r")
+    return url / part / arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+
+
+def test_a_missing_shard_object_of_done_entries_is_refused_on_read(tmp_path):
+    """zarr reads a missing chunk as fill values; the reader compares every entry with its checksum."""
+    url = tmp_path / "c.zarr"
+    make_synthetic_cache(str(url))
+    _shard_object(url, "logits/top", 1).unlink()
+    r = open_cache(str(url))
+    for e in (0, 1, 4, 5):
+        r.read_entry(e)  # the other shards read as before
+    for e in (2, 3):
+        with pytest.raises(CorruptEntryError, match=r"town_00000\d\).*logits/top/c/1/0/0 is missing.*skdcache verify"):
+            r.read_entry(e)
+        with pytest.raises(CorruptEntryError, match="--checksum"):
+            r.read_parts(e)
+    assert r.read_parts(2, check=False)["logits"]["top"].max() == 0  # what an unchecked read would train on
+
+
+def test_an_altered_chunk_that_still_decodes_is_refused(tmp_path):
+    """Without a compressor nothing but the checksum notices a changed byte."""
+    from dataclasses import replace
+
+    from cache_tools.schema import Compressor
+
+    s = synthetic_schema(features_codec=None, logits_codec="fp16")
+    s = replace(s, logits=replace(s.logits, compressor=Compressor("none", 0)))
+    url = tmp_path / "c.zarr"
+    make_synthetic_cache(str(url), s)
+    f = _shard_object(url, "logits/data", 0)
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0x01
+    f.write_bytes(bytes(data))
+    r = open_cache(str(url))
+    with pytest.raises(CorruptEntryError, match="does not match its build-time checksum"):
+        r.read_entry(0)
+    r.read_entry(2)
+
+
+def test_all_zero_chunks_are_written(tmp_path, monkeypatch):
+    """An all-zero part is stored like any other, so a missing chunk is never mistaken for zeros."""
+    import cache_tools.testing as testing
+
+    maps = testing.synthetic_maps
+    monkeypatch.setattr(testing, "synthetic_maps", lambda *a: (maps(*a)[0], np.zeros_like(maps(*a)[1])))
+    url = tmp_path / "c.zarr"
+    writer, _ = make_synthetic_cache(str(url))
+    for shard in range(writer.schema.num_shards):
+        data = _shard_object(url, "features/data", shard).read_bytes()
+        n = writer.schema.shard_entries
+        index = np.frombuffer(data[-(16 * n + 4) : -4], dtype="<u8").reshape(n, 2)
+        assert (index[:, 0] != 2**64 - 1).all()  # every inner chunk is there
+    assert (url / "entries" / "clipped" / "c" / "0").is_file()  # all-zero tables too
+    assert open_cache(str(url)).read_entry(0).feature.max() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# bounded work on untrusted metadata
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda d: d.update(num_entries=1 << 23), "num_entries"),
+        (lambda d: d.update(shard_entries=1 << 17), "shard_entries"),
+        (lambda d: d.update(id_bytes=4096), "id_bytes"),
+        (lambda d: d["logits"].update(grid=[9, 1 << 14]), "grid"),
+        (lambda d: d["features"].update(block=[4, 0]), "block"),
+        (lambda d: d["teacher"].update(num_classes=1 << 15), "num_classes"),
+        (lambda d: d["dataset"].update(class_names=["c"] * 20000, num_classes=20000), "class_names"),
+        (lambda d: d["dataset"].update(num_images=1 << 23), "num_images"),
+    ],
+)
+def test_absurd_sizes_are_refused_from_the_numbers(mutate, match):
+    d = synthetic_schema().to_dict()
+    mutate(d)
+    with pytest.raises(SchemaError, match=match):
+        CacheSchema.from_dict(d)
+
+
+def test_huge_entries_and_shards_are_refused_before_any_array_is_read(tmp_path):
+    url = tmp_path / "c.zarr"
+    make_synthetic_cache(str(url))
+    doc = json.loads((url / "zarr.json").read_text())
+    attrs = doc["attributes"][ROOT_ATTR]
+    attrs["features"].update(grid=[8193, 8193], block=[1, 1], channels=65536, stored_channels=65536)
+    (url / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(SchemaError, match="one entry would take"):
+        open_cache(str(url))
+    attrs["features"].update(grid=[9, 17], block=[1, 1], channels=8192, stored_channels=8192)
+    attrs.update(shard_entries=1 << 14, entries_per_image=1)
+    (url / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(SchemaError, match="a shard of features/data would take"):
+        open_cache(str(url))
+
+
+def test_a_store_holding_fewer_table_objects_than_it_claims_is_refused(tmp_path):
+    url = tmp_path / "c.zarr"
+    make_synthetic_cache(str(url))
+    for shard_dir in sorted((url / "entries" / "grid" / "c").iterdir())[1:]:
+        for f in shard_dir.iterdir():
+            f.unlink()
+    with pytest.raises(SchemaError, match="holds 1 of the 3 objects of entries/grid"):
+        open_cache(str(url))

@@ -24,6 +24,7 @@ from cache_tools.testing import make_synthetic_cache, synthetic_schema
 from cache_tools.transfer import copy_cache, merge_caches, select_images, subset_cache
 from cache_tools.verify import verify_cache
 from pipeline.cli import main
+from tests.catalogue.conftest import snapshot
 
 TRAIN = [f"train/a/a_{i:03d}" for i in range(5)]
 VAL = [f"val/b/b_{i:03d}" for i in range(3)]
@@ -283,3 +284,70 @@ def test_merge_cli_names_the_difference(tmp_path, capsys):
     assert ex.value.code == 1 and len(err.splitlines()) == 1
     assert "different configurations (entries_per_image: 2 vs 3)" in err
     shutil.rmtree(a)
+
+
+# ------------------------------------------------------------------------------------------------
+# destinations that overlap a source, foreign destinations, re-runs
+
+
+@pytest.mark.parametrize(
+    "where, match",
+    [
+        ("{src}/inner.zarr", "is inside the source"),
+        ("{src}/logits/x.zarr", "is inside the source"),
+        ("{src}/", "also a source"),
+        ("{parent}", "is inside the destination"),
+    ],
+)
+def test_copy_subset_merge_refuse_destinations_overlapping_a_source(src, tmp_path, where, match):
+    b = _views(str(tmp_path / "b.zarr"), [f"test/c/c_{i:03d}" for i in range(2)])
+    dst = where.format(src=src, parent=tmp_path)
+    before = snapshot(tmp_path)
+    for run in (
+        lambda: copy_cache(src, dst),
+        lambda: subset_cache(src, dst, split="val"),
+        lambda: merge_caches(dst, [b, src]),
+    ):
+        with pytest.raises(CacheError, match=match):
+            run()
+    assert snapshot(tmp_path) == before
+
+
+def test_urls_nesting_in_a_source_are_refused():
+    url = "memory://skd-nest/src.zarr"
+    make_synthetic_cache(url)
+    for dst in (f"{url}/inner.zarr", "memory://skd-nest", "MEMORY://skd-nest/src.zarr/x"):
+        with pytest.raises(CacheError, match="inside"):
+            copy_cache(url, dst)
+    # a sibling whose name starts with the source's is not inside it
+    copy_cache(url, f"{url}-copy")
+    assert open_cache(f"{url}-copy").schema == open_cache(url).schema
+
+
+def test_copy_over_a_foreign_zarr_group_needs_overwrite(src, tmp_path):
+    import zarr
+
+    dst = tmp_path / "theirs.zarr"
+    zarr.open_group(str(dst), mode="w", attributes={"owner": "someone else"})
+    (dst / "notes.txt").write_text("keep")
+    before = snapshot(dst)
+    with pytest.raises(NotACacheError, match="pass --overwrite to delete everything"):
+        copy_cache(src, str(dst))
+    assert snapshot(dst) == before
+    copy_cache(src, str(dst), overwrite=True)
+    _same_parts(src, str(dst))
+    assert not (dst / "notes.txt").exists()
+
+
+def test_rerunning_a_finished_subset_or_merge_rewrites_nothing(src, tmp_path):
+    dst = str(tmp_path / "v.zarr")
+    subset_cache(src, dst, split="val")
+    before = snapshot(dst)
+    again = subset_cache(src, dst, split="val")
+    assert again.resumed and again.shards_written == 0 and snapshot(dst) == before
+    a = str(tmp_path / "a.zarr")
+    subset_cache(src, a, split="train")
+    merged = str(tmp_path / "m.zarr")
+    merge_caches(merged, [a, dst])
+    before = snapshot(merged)
+    assert merge_caches(merged, [a, dst]).shards_written == 0 and snapshot(merged) == before

@@ -163,3 +163,30 @@ def test_report_summary_lists_kinds():
     r = VerifyReport(url="x", status="complete", mode="dense", num_images=5, num_entries=5, num_shards=1)
     r.corrupt = ["a", "b", "c", "d"]
     assert r.summary().startswith("NOT sound: 4 corrupt (a, b, c, … (+1))")
+
+
+def test_all_zero_features_are_sound(tmp_path, monkeypatch):
+    """All-zero chunks are written: verify never takes zeros for missing data."""
+    import cache_tools.testing as testing
+
+    maps = testing.synthetic_maps
+    monkeypatch.setattr(testing, "synthetic_maps", lambda *a: (maps(*a)[0], np.zeros_like(maps(*a)[1])))
+    url = tmp_path / "z.zarr"
+    make_synthetic_cache(str(url))
+    report = verify_cache(str(url))
+    assert report.sound and report.entries_ok == 6, report.summary()
+
+
+def test_a_missing_chunk_whose_checksum_proves_it_was_zeros_is_sound(tmp_path, monkeypatch):
+    """A store written before all-zero chunks were kept: the checksum tells zeros from lost data."""
+    import cache_tools.testing as testing
+
+    maps = testing.synthetic_maps
+    monkeypatch.setattr(testing, "synthetic_maps", lambda *a: (maps(*a)[0], np.zeros_like(maps(*a)[1])))
+    url = tmp_path / "z.zarr"
+    make_synthetic_cache(str(url))
+    _shard_file(url, "features/data", 1).unlink()  # how such a writer left an all-zero shard
+    assert verify_cache(str(url)).sound
+    _shard_file(url, "logits/dq", 1).unlink()  # real data lost
+    report = verify_cache(str(url))
+    assert report.partial == IDS[2:4] and "logits/dq/c/1/0/0/0 is missing" in report.problems[0].reason

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cache_tools.datasets import open_dataset
-from cache_tools.errors import ConfigError, SchemaMismatchError
+from cache_tools.errors import ConfigError, CorruptEntryError, SchemaMismatchError
 from cache_tools.schema import CacheSchema, Compressor, DatasetStamp, DenseParams, TargetLayout, TeacherStamp, View
 from cache_tools.store import prepare_cache
 from cache_tools.testing import write_entries
@@ -217,6 +217,23 @@ def test_changed_image_is_caught_by_its_fingerprint(sample_root, tmp_path):
     failure = data[index]
     with pytest.raises(SchemaMismatchError, match="differs from the one the cache was built from"):
         raise_worker_error(collate_samples([failure]))
+
+
+def test_a_missing_shard_object_stops_training_instead_of_teaching_fill_values(tmp_path):
+    """The worker compares every entry it reads with its checksum; the failure reaches the main process."""
+    import zarr
+
+    ds = _coordinate_dataset(tmp_path / "data")
+    url = tmp_path / "coords.zarr"
+    _coordinate_cache(str(url), ds, False)
+    for part in ("logits/data", "features/data"):
+        arr = zarr.open_array(str(url / part), mode="r")
+        (url / part / arr.metadata.encode_chunk_key((1,) + (0,) * (arr.ndim - 1))).unlink()  # image 1's shard
+    data = SegTrainData(str(tmp_path / "data"), crop=(64, 64), cache=str(url), pair=PairSpec(), seed=0)
+    batch = raise_worker_error(collate_samples([data[0], data[2]]))
+    assert batch.teacher_logits.abs().max() > 1  # the other images train as before
+    with pytest.raises(CorruptEntryError, match=rf"entry 1 \({ds.ids[1]}\).*is missing.*skdcache verify"):
+        raise_worker_error(collate_samples([data[0], data[1]]))
 
 
 def test_draw_sampler_is_rank_disjoint_and_resumable():
