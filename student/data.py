@@ -82,6 +82,9 @@ class TrainSample:
         teacher_nodes: (C, nh, nw) teacher pair-wise nodes for this crop, or None.
         teacher_grid: (gh, gw) teacher grid of this crop.
         draw: the sampler's draw number (for debugging and reproducibility).
+        teacher_image: the crop before photometric jitter, for an online teacher (None when the
+            student's input is not jittered or the targets come from a cache): a cache's teacher
+            never saw the jitter, so the online A/B reference must not either.
     """
 
     image: Tensor
@@ -90,6 +93,7 @@ class TrainSample:
     teacher_nodes: Tensor | None
     teacher_grid: tuple[int, int]
     draw: int
+    teacher_image: Tensor | None = None
 
 
 @dataclass
@@ -100,6 +104,7 @@ class TrainBatch:
     teacher_nodes: Tensor | None  # (B, C, nh, nw)
     teacher_grid: tuple[int, int]
     draws: Tensor  # (B,)
+    teacher_image: Tensor | None = None  # (B, 3, h, w) un-jittered, for an online teacher
 
     def pin_memory(self) -> TrainBatch:
         return TrainBatch(
@@ -109,6 +114,7 @@ class TrainBatch:
             teacher_nodes=None if self.teacher_nodes is None else self.teacher_nodes.pin_memory(),
             teacher_grid=self.teacher_grid,
             draws=self.draws,
+            teacher_image=None if self.teacher_image is None else self.teacher_image.pin_memory(),
         )
 
     def to(self, device: torch.device) -> TrainBatch:
@@ -120,6 +126,7 @@ class TrainBatch:
             teacher_nodes=None if self.teacher_nodes is None else self.teacher_nodes.to(device, non_blocking=nb),
             teacher_grid=self.teacher_grid,
             draws=self.draws,
+            teacher_image=None if self.teacher_image is None else self.teacher_image.to(device, non_blocking=nb),
         )
 
 
@@ -150,6 +157,7 @@ def collate_samples(samples: Sequence[TrainSample | _WorkerFailure]) -> TrainBat
         teacher_nodes=stack("teacher_nodes"),
         teacher_grid=grids.pop(),
         draws=torch.tensor([s.draw for s in samples]),
+        teacher_image=stack("teacher_image"),
     )
 
 
@@ -331,7 +339,10 @@ class SegTrainData(Dataset):
         logits = nodes = None
         if self.mode == "dense":
             logits, nodes = self._dense_targets(image_idx, view, tuple(x.shape[1:]))
-        return TrainSample(self._jitter(crop, rng), label, logits, nodes, self.teacher_grid, draw)
+        jittered = self._jitter(crop, rng)
+        # no cache: an online teacher runs on this crop, and must see it as a cache's teacher would
+        clean = crop if self.mode == "none" and jittered is not crop else None
+        return TrainSample(jittered, label, logits, nodes, self.teacher_grid, draw, clean)
 
     def _dense_targets(self, image: int, view: View, size: tuple[int, int]) -> tuple[Tensor | None, Tensor | None]:
         reader = self._open()
