@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from .clikit import console, err_console, parse_storage_options, print_json, progress_bar
-from .errors import SkdError
+from .clikit import check_destination, console, err_console, in_range, parse_storage_options, print_json, progress_bar
+from .errors import ConfigError, SkdError
 
 __all__ = ["register_commands"]
 
@@ -192,6 +192,8 @@ def verify(
     """Decode every entry and compare it with its build-time checksum; exit 1 unless the cache is sound."""
     from .verify import verify_cache
 
+    in_range("--workers", workers, 1, 1024)
+    in_range("--show", show, 0)
     opts = parse_storage_options(storage_option)
     kwargs = dict(
         dataset_root=str(dataset) if dataset is not None else None,
@@ -251,6 +253,11 @@ def preview(
     """Draw entries as one PNG: image + crop box, teacher argmax, uncertainty, features (PCA)."""
     from .preview import render_preview
 
+    in_range("--dpi", dpi, 10, 1200)
+    in_range("--sheet", sheet, 1, 1024)
+    for i in index or ():
+        in_range("--index", i, 0)
+    check_destination(str(out), "--out")
     report = render_preview(
         url,
         out,
@@ -291,6 +298,8 @@ def copy(
     """Copy a cache between any two locations (local ↔ s3 ↔ gcs ...), resumably, verifying every object."""
     from .transfer import copy_cache
 
+    in_range("--workers", workers, 1, 1024)
+    check_destination(dst, "DST")
     kwargs = dict(
         **_both_options(storage_option, dst_storage_option),
         overwrite=overwrite,
@@ -355,6 +364,13 @@ def _read_ids(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+def _rewrite_options(shard_size: int | None, workers: int, seed: int = 0) -> None:
+    """The numeric options subset and merge share, checked in one line each."""
+    in_range("--seed", seed, 0, 2**63 - 1)
+    in_range("--shard-size", shard_size, 1, 65536)
+    in_range("--workers", workers, 1, 1024)
+
+
 def subset(
     src: Annotated[str, typer.Argument(help="Cache to cut (path or fsspec URL).")],
     dst: Annotated[str, typer.Argument(help="New cache to write.")],
@@ -375,7 +391,11 @@ def subset(
     from .transfer import subset_cache
 
     if sum(x is not None for x in (split, ids, fraction)) != 1:
-        raise SkdError("choose exactly one of --split, --ids and --fraction")
+        raise ConfigError("choose exactly one of --split, --ids and --fraction")
+    if fraction is not None and not 0 < fraction <= 1:  # also refuses NaN
+        raise ConfigError(f"--fraction must be in (0, 1], got {fraction}")
+    _rewrite_options(seed=seed, shard_size=shard_size, workers=workers)
+    check_destination(dst, "DST")
     kwargs = dict(
         split=split,
         ids=_read_ids(ids) if ids is not None else None,
@@ -402,6 +422,8 @@ def merge(
     """Merge caches built in parts (same teacher and configuration, disjoint images) into DST."""
     from .transfer import merge_caches
 
+    _rewrite_options(shard_size=shard_size, workers=workers)
+    check_destination(dst, "DST")
     kwargs = dict(
         **_both_options(storage_option, dst_storage_option),
         shard_images=shard_size,
@@ -428,6 +450,8 @@ def diff(
 
     from .diff import diff_caches
 
+    in_range("--max-entries", max_entries, 1)
+    in_range("--workers", workers, 1, 1024)
     opts = parse_storage_options(storage_option)
     if json_out:
         print_json(diff_caches(a, b, storage_options=opts, max_entries=max_entries, workers=workers).to_dict())

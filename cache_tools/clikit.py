@@ -5,12 +5,17 @@ Only the CLI modules import this (it pulls in typer and rich); the libraries nev
 
 from __future__ import annotations
 
+import _thread
+import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -18,25 +23,42 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .errors import SkdError
+from .errors import ConfigError, SchemaError, SkdError
 
 __all__ = [
     "console",
     "err_console",
     "run_app",
     "setup_logging",
+    "verbose",
+    "set_interrupt_hint",
     "parse_storage_options",
     "progress_bar",
     "print_json",
     "fail",
+    "hw",
+    "names",
+    "config_from_flags",
+    "floats",
+    "in_range",
+    "check_destination",
 ]
 
 console = Console()
 err_console = Console(stderr=True)
 
 
+_verbose = False
+
+
 def setup_logging(verbose: bool) -> None:
-    """Install a rich log handler once (library modules log with ``logging.getLogger(__name__)``)."""
+    """Install a rich log handler once (library modules log with ``logging.getLogger(__name__)``).
+
+    ``--verbose`` also turns on tracebacks for errors (see :func:`run_app`). Third-party loggers that
+    talk at INFO (dask's ``distributed``, ``bokeh``, ``tornado``) stay at WARNING unless asked for.
+    """
+    global _verbose
+    _verbose = verbose
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(
         level=level,
@@ -44,6 +66,26 @@ def setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
         force=True,
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+#: loggers of libraries that log routine INFO lines (a dask cluster prints dozens per build)
+QUIET_LOGGERS = ("distributed", "bokeh", "tornado", "fsspec", "asyncio")
+
+
+def verbose() -> bool:
+    """Whether the top-level ``--verbose`` was given (set by :func:`setup_logging`)."""
+    return _verbose
+
+
+_interrupt_hint = ""
+
+
+def set_interrupt_hint(hint: str) -> None:
+    """What the interrupt line adds after ``interrupted``, e.g. how to resume (set by resumable commands)."""
+    global _interrupt_hint
+    _interrupt_hint = hint
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -52,30 +94,236 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _click_classes(name: str) -> tuple[type, ...]:
+    """Click's exception class ``name`` wherever it lives with this typer.
+
+    typer >= 0.20 vendors click as ``typer._click`` (``Abort``/``Exit`` moved to ``typer.exceptions``);
+    older typers use click itself. Both are looked up, so either install reads the same.
+    """
+    found = []
+    for mod_name in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(mod_name), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def _handle_click(exc: BaseException) -> int | None:
+    """Show a click usage error as click does (usage line, hint, ``Error:`` line); its exit code, or None."""
+    if isinstance(exc, _click_classes("ClickException")):
+        exc.show()  # type: ignore[attr-defined]
+        return exc.exit_code  # type: ignore[attr-defined]
+    if isinstance(exc, _click_classes("Abort")):
+        err_console.print("[yellow]aborted[/]")
+        return 1
+    if isinstance(exc, _click_classes("Exit")):
+        return exc.exit_code  # type: ignore[attr-defined]
+    return None
+
+
+def _traceback() -> None:
+    """The current exception's traceback on stderr (only with ``--verbose``)."""
+    import traceback
+
+    sys.stderr.write(traceback.format_exc())
+    sys.stderr.flush()
+
+
+_interrupted = False
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Remember the interrupt, then raise KeyboardInterrupt as Python does.
+
+    Needed because typer >= 0.20 turns a KeyboardInterrupt into a silent exit code 130 and older
+    click into ``Abort``: the flag lets :func:`run_app` say what happened either way.
+    """
+    global _interrupted
+    _interrupted = True
+    signal.default_int_handler(signum, frame)
+
+
+@contextmanager
+def _interrupt_handling() -> Iterator[None]:
+    """Within: SIGINT is remembered (:func:`_on_sigint`), and one landing in a finaliser is raised again.
+
+    A Ctrl-C arriving while, say, a DataLoader's ``__del__`` waits for its workers would otherwise be
+    printed as "Exception ignored ..." with a traceback, and the command would carry on. The previous
+    handler and hook are restored afterwards (tests run the CLI in-process).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous_hook, previous_handler = sys.unraisablehook, signal.getsignal(signal.SIGINT)
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            _thread.interrupt_main()
+            return
+        previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+    signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGINT, previous_handler)
+
+
+def _say_interrupted() -> None:
+    # a fresh console: the interrupt may have landed inside a progress-bar refresh, which leaves
+    # err_console buffering (nothing it printed afterwards would appear)
+    Console(stderr=True).print(f"[yellow]interrupted[/]{_interrupt_hint}", highlight=False, soft_wrap=True)
+
+
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
-    """Run a typer app; user errors (SkdError) become one line and exit code 1, no traceback."""
+    """Run a typer app: every failure ends as one line (usage errors as click's short usage block).
+
+    Exit codes: 1 for a user error (SkdError) or an unexpected error, 2 for a usage error, 130 for an
+    interrupt (Ctrl-C). Tracebacks are printed only with the top-level ``--verbose``.
+    """
+    global _interrupted
+    _interrupted = False
     try:
         # standalone_mode=False makes click *return* the code of a typer.Exit instead of exiting
-        code = app(args=argv, standalone_mode=False)
+        with _interrupt_handling():
+            code = app(args=argv, standalone_mode=False)
     except SkdError as exc:
+        if _verbose:
+            _traceback()
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
-        sys.exit(130)
+        code = 130
+    except OSError as exc:
+        if _verbose and not _interrupted:
+            raise
+        # a file-system refusal the command did not foresee: still one line that names the path
+        where = f" ({exc.filename})" if exc.filename else ""
+        if not _interrupted:
+            err_console.print(
+                f"[bold red]error:[/] {exc.strerror or exc}{where}: check the path, its permissions and free space",
+                highlight=False,
+                soft_wrap=True,
+            )
+        code = 1
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+        code = 130 if _interrupted else _handle_click(exc)
+        if code is None:
+            if _verbose:
+                raise
+            err_console.print(
+                f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc} (re-run with --verbose for the "
+                "traceback and report it)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            code = 1
+    if _interrupted:
+        _say_interrupted()
+        code = 130
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def config_from_flags(cls: type, values: dict[str, Any], convert: dict[str, Callable[[Any, str], Any]]) -> Any:
+    """A config dataclass from a command's parameters, matched by each field's flag (one mapping, not a copy).
+
+    The parameter of field ``f`` is named after ``flag_of(f)`` (``--shard-size`` -> ``shard_size``); a
+    ``--no-X`` flag sets its boolean field to the opposite; ``None`` leaves the field's default;
+    ``convert[field]`` parses text (``"512x512"``, ``"a,b"``) and paths become strings.
+    """
+    import dataclasses
+
+    from .options import flag_of
+
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        flag = flag_of(f)
+        value = values.get(flag.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        if f.name in convert:
+            value = convert[f.name](value, flag)
+        elif isinstance(value, bool) and flag.startswith("--no-"):
+            value = not value
+        elif isinstance(value, os.PathLike):
+            value = str(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def names(value: str, flag: str) -> tuple[str, ...]:
+    """A comma-separated list of names of a flag (``train,val``) -> a tuple, blanks dropped."""
+    return tuple(x.strip() for x in value.split(",") if x.strip())
+
+
+def hw(value: str, flag: str) -> tuple[int, int]:
+    """``HxW`` (or ``N``) of a flag -> (h, w); a malformed value is a one-line ConfigError naming the flag."""
+    from .schema import parse_hw
+
+    try:
+        return parse_hw(value, flag)
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def floats(value: str, flag: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers of a flag (``0.75,1,1.25``) -> floats, or a one-line ConfigError."""
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    try:
+        out = tuple(float(x) for x in items)
+    except ValueError:
+        raise ConfigError(f"{flag} must be numbers separated by commas (e.g. 0.75,1,1.5), got {value!r}") from None
+    if not out:
+        raise ConfigError(f"{flag} needs at least one number")
+    return out
+
+
+def in_range(flag: str, value: float | None, lo: float | None = None, hi: float | None = None) -> None:
+    """Refuse a flag's number outside ``[lo, hi]`` (or not finite) in one line; ``None`` means unset."""
+    import math
+
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {value}")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{flag} must be at least {lo:g}, got {value:g}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{flag} must be at most {hi:g}, got {value:g}")
+
+
+#: kernel pseudo file systems: writing a cache or a run there can only fail, often obscurely
+_PSEUDO_FS = ("/proc", "/sys", "/dev")
+
+
+def check_destination(url: str, flag: str) -> None:
+    """Refuse a local destination that cannot hold files (under /proc, /sys, /dev, or a non-directory parent).
+
+    Remote URLs are left to their file system. Nothing is created here.
+    """
+    from .storage import is_remote, local_path
+
+    if is_remote(url):
+        return
+    path = local_path(url).absolute()
+    for root in _PSEUDO_FS:
+        if path == Path(root) or Path(root) in path.parents:
+            raise ConfigError(
+                f"cannot write to {flag} {url}: {root} is a kernel file system, not storage; choose a directory on disk"
+            )
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent != path and not parent.is_dir():
+        raise ConfigError(f"cannot write to {flag} {url}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write to {flag} {url}: {parent} is not writable")
 
 
 def parse_storage_options(items: list[str] | None) -> dict[str, Any]:

@@ -12,15 +12,23 @@ import typer
 
 from cache_tools.cli import register_commands as register_cache_commands
 from cache_tools.clikit import (
+    check_destination,
+    config_from_flags,
     console,
     err_console,
+    floats,
+    hw,
+    in_range,
+    names,
     parse_storage_options,
     print_json,
     progress_bar,
     run_app,
+    set_interrupt_hint,
     setup_logging,
+    verbose,
 )
-from cache_tools.schema import parse_hw
+from cache_tools.errors import ConfigError
 
 app = typer.Typer(
     name="skdcache",
@@ -50,8 +58,15 @@ def sample_data(
     """Write the built-in sample dataset: procedural street scenes in the Cityscapes layout."""
     from cache_tools.datasets import write_sample_dataset
 
+    in_range("--num-images", num_images, 1, 1_000_000)
+    in_range("--num-val", num_val, 0, 1_000_000)
+    in_range("--seed", seed, 0, 2**63 - 1)
+    h, w = hw(size, "--size")
+    in_range("--size (height)", h, 8, 8192)
+    in_range("--size (width)", w, 8, 8192)
+    check_destination(str(out), "OUT")
     n_val = num_val if num_val is not None else max(1, num_images // 4)
-    summary = write_sample_dataset(out, num_train=num_images, num_val=n_val, size=parse_hw(size, "--size"), seed=seed)
+    summary = write_sample_dataset(out, num_train=num_images, num_val=n_val, size=(h, w), seed=seed)
     if json_out:
         print_json(summary)
         return
@@ -106,7 +121,9 @@ def build(
     logits_codec: Annotated[
         str, typer.Option(help="fp32 | fp16 | int8-pixel | int8-channel | gap-u8 | gap-u16.")
     ] = "gap-u8",
-    logits_clip: Annotated[float | None, typer.Option(help="gap codecs: largest stored gap (default 32 / 64).")] = None,
+    logits_clip: Annotated[
+        float | None, typer.Option(help="gap codecs: largest stored gap (default 48 for gap-u8, 64 for gap-u16).")
+    ] = None,
     features_codec: Annotated[
         str, typer.Option(help="fp16 | int8 (per entry and channel) | fp32 | pcaK (e.g. pca64).")
     ] = "fp16",
@@ -120,10 +137,18 @@ def build(
     ] = "zstd:1",
     shard_size: Annotated[int | None, typer.Option(help="Images per shard (default: ~32 MB shards).")] = None,
     batch_size: Annotated[int, typer.Option(help="Teacher batch (views mode).")] = 8,
+    queue_size: Annotated[int, typer.Option(help="Teacher outputs queued for the encode/write threads.")] = 8,
+    pca_samples: Annotated[int, typer.Option(help="pcaK feature codecs: entries the PCA basis is fitted on.")] = 16,
     loader_workers: Annotated[int, typer.Option(help="Image-decoding processes.")] = 2,
     writer_threads: Annotated[int, typer.Option(help="Encode/write threads.")] = 2,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    no_amp: Annotated[bool, typer.Option("--no-amp", help="Disable autocast on CUDA.")] = False,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Teacher precision: fp32 | tf32 | fp16 | bf16 (its error against fp32 is measured and recorded)."
+        ),
+    ] = "fp32",
+    no_amp: Annotated[bool, typer.Option("--no-amp", help="Deprecated: the same as --precision fp32.")] = False,
     fidelity_samples: Annotated[int, typer.Option(help="Entries whose codec error is measured.")] = 64,
     skip_unreadable: Annotated[
         bool, typer.Option("--skip-unreadable", help="Skip (and report) images that cannot be decoded.")
@@ -142,53 +167,25 @@ def build(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Run the teacher once and write a compressed, provenance-stamped cache (resumable)."""
+    set_interrupt_hint(": written shards are kept; re-run the same command to resume the build")
     from .build import BuildConfig, build_cache
 
-    config = BuildConfig(
-        teacher=teacher,
-        data=str(data),
-        out=out,
-        weights=str(weights) if weights else None,
-        random_weights=random_weights,
-        seed=seed,
-        weights_format=weights_format,
-        splits=tuple(s.strip() for s in split.split(",") if s.strip()),
-        mode=mode,
-        views=views,
-        crop=parse_hw(crop, "--crop"),
-        view_seed=view_seed,
-        scales=tuple(float(s) for s in scales.split(","))
-        if scales
-        else BuildConfig.__dataclass_fields__["scales"].default,
-        flip=not no_flip,
-        dense_flip=dense_flip,
-        inference=inference,
-        tile=parse_hw(tile, "--tile") if tile else None,
-        overlap=overlap,
-        logits_codec=logits_codec,
-        logits_clip=logits_clip,
-        features=not no_features,
-        features_codec=features_codec,
-        features_pool=features_pool,
-        features_block=parse_hw(features_block, "--features-block") if features_block else None,
-        compressor=compressor,
-        shard_images=shard_size,
-        batch_size=batch_size,
-        loader_workers=loader_workers,
-        writer_threads=writer_threads,
-        device=device,
-        amp=not no_amp,
-        fidelity_samples=fidelity_samples,
-        skip_unreadable=skip_unreadable,
-        overwrite=overwrite,
-        storage_options=parse_storage_options(storage_option),
-        threads=threads,
+    # every flag maps onto the BuildConfig field of the same flag (cache_tools.options.flag_of)
+    flags = {**locals(), "storage_option": parse_storage_options(storage_option)}
+    config = config_from_flags(
+        BuildConfig,
+        flags,
+        {"splits": names, "crop": hw, "scales": floats, "tile": hw, "features_block": hw},
     )
+    check_destination(out, "--out")
+    in_range("--workers", workers, 1, 4096)
     if workers is not None or scheduler is not None:
         from .distributed import build_cache_distributed
 
         def run(progress):
-            return build_cache_distributed(config, workers=workers, scheduler=scheduler, progress=progress)
+            return build_cache_distributed(
+                config, workers=workers, scheduler=scheduler, progress=progress, quiet=not verbose()
+            )
 
     else:
 
@@ -203,11 +200,21 @@ def build(
             update(p.entries_done, total=p.entries_total, rate=f"{rate:.1f}/s", extra=f"{p.bytes_written / 1e6:.1f} MB")
 
         result = run(progress)
-    summary = _build_summary(result)
     if json_out:
-        print_json(summary)
+        print_json(_build_summary(result))
         return
+    _print_build(result)
+
+
+def _print_build(result) -> None:
+    """The human summary of a build: what was written (or that nothing was needed), fidelity, skips."""
     s = result.schema
+    if result.already_complete:
+        console.print(
+            f"[bold]{result.url}[/] is already a complete {s.mode} cache of this configuration "
+            f"({s.num_entries} entries, teacher {s.teacher.name}): nothing to do, nothing written"
+        )
+        return
     verb = "resumed" if result.resumed else "built"
     console.print(
         f"{verb} [bold]{s.mode}[/] cache [bold]{result.url}[/]: {s.num_entries} entries "
@@ -236,6 +243,7 @@ def _build_summary(result) -> dict:
     return {
         "url": result.url,
         "resumed": result.resumed,
+        "already_complete": result.already_complete,
         "mode": s.mode,
         "entries": s.num_entries,
         "images": s.num_images,
@@ -258,6 +266,9 @@ def demo(
 
     from .demo import run_demo
 
+    if preset not in ("full", "smoke"):
+        raise ConfigError(f"--preset must be full or smoke, got {preset!r}")
+    check_destination(str(out), "--out")
     summary = run_demo(out, preset, log=lambda m: err_console.print(m, highlight=False))
     table = Table(title=f"skd demo ({preset}): one teacher pass, four students", show_lines=False)
     table.add_column("run")

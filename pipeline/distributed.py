@@ -23,7 +23,16 @@ from dataclasses import replace
 from cache_tools.errors import ConfigError
 from cache_tools.store import attach_cache
 
-from .build import BuildConfig, BuildProgress, BuildResult, build_info, build_shards, plan_build, prepare_build
+from .build import (
+    BuildConfig,
+    BuildProgress,
+    BuildResult,
+    already_complete,
+    build_info,
+    build_shards,
+    plan_build,
+    prepare_build,
+)
 
 __all__ = ["build_cache_distributed", "PinGPU"]
 
@@ -31,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 # one plan (teacher included) per worker process and configuration
 _WORKER_PLANS: dict[str, object] = {}
+
+#: seconds to wait for an existing scheduler before giving up (dask's own default is 30 s)
+CONNECT_TIMEOUT = 5.0
 
 
 class PinGPU:
@@ -80,6 +92,68 @@ def _build_shards_task(config: BuildConfig, shards: list[int], threads: int | No
     }
 
 
+def _run_tasks(client, as_completed, config, writer, threads, shards_per_task, retries, progress, t0) -> dict:
+    """Submit one task per group of pending shards and aggregate their reports into the progress bar."""
+    schema = writer.schema
+    pending = writer.pending_shards()
+    groups = [pending[i : i + shards_per_task] for i in range(0, len(pending), shards_per_task)]
+    total = schema.num_entries
+    done_entries = total - sum(b - a for a, b in (schema.shard_range(s) for s in pending))
+    stats = {"entries": 0, "bytes": 0, "teacher_seconds": 0.0, "tasks": 0}
+    futures = [
+        client.submit(_build_shards_task, config, g, threads, retries=retries, pure=False, key=f"skd-shards-{g[0]}")
+        for g in groups
+    ]
+    for fut in as_completed(futures):
+        out = fut.result()
+        stats["entries"] += out["entries"]
+        stats["bytes"] += out["bytes"]
+        stats["teacher_seconds"] += out["teacher_seconds"]
+        stats["tasks"] += 1
+        done_entries += sum(b - a for a, b in (schema.shard_range(s) for s in out["shards"]))
+        if progress is not None:
+            progress(BuildProgress(done_entries, total, stats["bytes"], time.perf_counter() - t0, "written"))
+    return stats
+
+
+def _local_cluster(cluster_cls, client_cls, workers: int | None, quiet: bool):
+    """(cluster, client, torch threads per worker) of a LocalCluster: one worker per GPU, else ``workers`` or 2."""
+    gpus = _gpu_count()
+    n = workers or (gpus or 2)
+    threads = max(1, (os.cpu_count() or 1) // n) if not gpus else None
+    cluster = cluster_cls(
+        n_workers=n,
+        threads_per_worker=1,
+        processes=True,
+        # no bokeh dashboard unless asked for; the scheduler still serves its health routes over
+        # HTTP, so those go to a free local port rather than taking :8787
+        dashboard_address=None if quiet else "127.0.0.1:8787",
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"} if quiet else None,
+        silence_logs=logging.ERROR if quiet else logging.INFO,
+    )
+    client = client_cls(cluster)
+    if gpus:
+        client.register_plugin(PinGPU(gpus))
+    return cluster, client, threads
+
+
+def _connect(client_cls, scheduler: str):
+    """A client of an existing scheduler, or one line saying it cannot be reached (after a few seconds)."""
+    if "://" not in scheduler and ":" not in scheduler:
+        raise ConfigError(f"--scheduler must be an address like tcp://host:8786, got {scheduler!r}")
+    import dask
+
+    try:
+        # both timeouts: the client's own and its comm's, whose retries would otherwise run 30 s on
+        with dask.config.set({"distributed.comm.timeouts.connect": f"{CONNECT_TIMEOUT}s"}):
+            return client_cls(scheduler, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot reach the dask scheduler at {scheduler} within {CONNECT_TIMEOUT:.0f} s ({type(exc).__name__}): "
+            "check the address and that the scheduler is running, or build locally with --workers N"
+        ) from None
+
+
 def _gpu_count() -> int:
     try:
         import torch
@@ -98,6 +172,7 @@ def build_cache_distributed(
     shards_per_task: int = 1,
     retries: int = 3,
     client=None,
+    quiet: bool = True,
 ) -> BuildResult:
     """Build (or resume) ``config.out`` with dask.distributed.
 
@@ -107,6 +182,8 @@ def build_cache_distributed(
         shards_per_task: shards per task (more: fewer teacher restarts; less: finer balancing).
         retries: how often a failed shard task is retried (a killed worker counts as a failure).
         client: an existing ``distributed.Client`` (tests).
+        quiet: keep dask's own logging at WARNING and start no dashboard (``skdcache --verbose`` turns
+            both on: INFO logs and the dashboard on 127.0.0.1:8787).
     """
     try:
         from distributed import Client, LocalCluster, as_completed
@@ -116,56 +193,34 @@ def build_cache_distributed(
         raise ConfigError("give either --workers N (a local cluster) or --scheduler ADDRESS, not both")
     if workers is not None and workers < 1:
         raise ConfigError("--workers must be at least 1")
+    # distributed configures its loggers at import (INFO); a user asked for a build, not a cluster log
+    logging.getLogger("distributed").setLevel(logging.WARNING if quiet else logging.INFO)
+    if client is None and scheduler is not None:
+        client = _connect(Client, scheduler)
 
     t0 = time.perf_counter()
-    plan, writer, resumed = prepare_build(config)  # validates every input before any worker starts
-    schema = writer.schema
-    pending = writer.pending_shards()
-    groups = [pending[i : i + shards_per_task] for i in range(0, len(pending), shards_per_task)]
-    total = schema.num_entries
-    done_entries = total - sum(b - a for a, b in (schema.shard_range(s) for s in pending))
+    try:
+        plan, writer, resumed = prepare_build(config)  # validates every input before any worker starts
+    except BaseException:
+        if scheduler is not None:
+            client.close()
+        raise
+    if writer.schema.status == "complete":  # nothing to run, and nothing to rewrite
+        if scheduler is not None:
+            client.close()
+        return already_complete(plan, writer, time.perf_counter() - t0)
 
     own_cluster = None
     threads = None
     if client is None:
-        if scheduler is not None:
-            client = Client(scheduler)
-        else:
-            gpus = _gpu_count()
-            n = workers or (gpus or 2)
-            threads = max(1, (os.cpu_count() or 1) // n) if not gpus else None
-            own_cluster = LocalCluster(
-                n_workers=n,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            )
-            client = Client(own_cluster)
-            if gpus:
-                client.register_plugin(PinGPU(gpus))
-    stats = {"entries": 0, "bytes": 0, "teacher_seconds": 0.0, "tasks": 0}
+        own_cluster, client, threads = _local_cluster(LocalCluster, Client, workers, quiet)
     try:
-        if groups:
-            futures = [
-                client.submit(
-                    _build_shards_task, config, g, threads, retries=retries, pure=False, key=f"skd-shards-{g[0]}"
-                )
-                for g in groups
-            ]
-            for fut in as_completed(futures):
-                out = fut.result()
-                stats["entries"] += out["entries"]
-                stats["bytes"] += out["bytes"]
-                stats["teacher_seconds"] += out["teacher_seconds"]
-                stats["tasks"] += 1
-                done_entries += sum(b - a for a, b in (schema.shard_range(s) for s in out["shards"]))
-                if progress is not None:
-                    progress(BuildProgress(done_entries, total, stats["bytes"], time.perf_counter() - t0, "written"))
+        stats = _run_tasks(client, as_completed, config, writer, threads, shards_per_task, retries, progress, t0)
         n_workers = len(client.scheduler_info().get("workers", {}))
     finally:
-        if own_cluster is not None:
+        if own_cluster is not None or scheduler is not None:
             client.close()
+        if own_cluster is not None:
             own_cluster.close()
     # a task that failed after its retries raised above; anything still missing is an error here
     final = writer.finalize(

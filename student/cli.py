@@ -8,7 +8,21 @@ from typing import Annotated
 
 import typer
 
-from cache_tools.clikit import console, err_console, parse_storage_options, print_json, run_app, setup_logging
+from cache_tools.clikit import (
+    check_destination,
+    config_from_flags,
+    console,
+    err_console,
+    floats,
+    hw,
+    in_range,
+    names,
+    parse_storage_options,
+    print_json,
+    run_app,
+    set_interrupt_hint,
+    setup_logging,
+)
 from cache_tools.errors import ConfigError
 from cache_tools.schema import parse_hw
 
@@ -73,7 +87,9 @@ def train(
     no_flip: Annotated[bool, typer.Option("--no-flip", help="No random mirroring.")] = False,
     photometric: Annotated[float, typer.Option(help="Colour jitter of the student input only (0 = off).")] = 0.0,
     lr: Annotated[float, typer.Option(help="Student SGD learning rate (poly decay).")] = 0.01,
+    momentum: Annotated[float, typer.Option(help="SGD momentum (student and sgd critic).")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
+    poly_power: Annotated[float, typer.Option(help="Power of the poly learning-rate decay.")] = 0.9,
     pretrained: Annotated[Path | None, typer.Option(help="ImageNet backbone weights (CSAIL layout).")] = None,
     lambda_pi: Annotated[float, typer.Option(help="Pixel-wise weight.")] = 10.0,
     lambda_pa: Annotated[float, typer.Option(help="Pair-wise weight.")] = 0.5,
@@ -96,6 +112,7 @@ def train(
     no_amp: Annotated[bool, typer.Option("--no-amp", help="Disable autocast on CUDA.")] = False,
     eval_every: Annotated[int, typer.Option(help="Evaluate every N iterations (0: at the end).")] = 0,
     eval_split: Annotated[str, typer.Option(help="Evaluation split.")] = "val",
+    eval_mode: Annotated[str, typer.Option(help="whole (official) | slide (tiles of the crop size).")] = "whole",
     ckpt_every: Annotated[int, typer.Option(help="Checkpoint every N iterations (0: at evaluations).")] = 0,
     log_every: Annotated[int, typer.Option(help="Log every N iterations.")] = 10,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
@@ -105,55 +122,24 @@ def train(
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Local read-through cache for a remote --cache.")] = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to TensorBoard (if installed).")] = False,
+    no_deterministic: Annotated[
+        bool, typer.Option("--no-deterministic", help="Allow nondeterministic (faster) kernels.")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Train a student (task loss + the chosen distillation losses)."""
+    set_interrupt_hint(f": checkpoints are kept; add --resume to the same command to continue the run in {out}")
+    in_range("--nproc", nproc, 1, 1024)
+    check_destination(str(out), "--out")
     from .train import TrainConfig, check_out_dir
     from .train import train as run_train
 
-    config = TrainConfig(
-        data=str(data),
-        out=str(out),
-        student=student,
-        cache=cache,
-        teacher=teacher,
-        weights=str(weights) if weights else None,
-        losses=_parse_losses(losses),
-        splits=tuple(s.strip() for s in split.split(",") if s.strip()),
-        iters=iters,
-        batch_size=batch_size,
-        crop=parse_hw(crop, "--crop"),
-        scales=tuple(float(x) for x in scales.split(",")) if scales else None,
-        flip=not no_flip,
-        photometric=photometric,
-        lr=lr,
-        weight_decay=weight_decay,
-        pretrained=str(pretrained) if pretrained else None,
-        lambda_pi=lambda_pi,
-        lambda_pa=lambda_pa,
-        lambda_d=lambda_d,
-        lambda_gp=lambda_gp,
-        aux_weight=aux_weight,
-        pixel_mode=pixel_mode,
-        temperature=temperature,
-        pair_preset=pair,
-        adversarial=adversarial,
-        critic_optimizer=critic_optimizer,
-        critic_lr=critic_lr,
-        critic_image=critic_image,
-        sync_bn=sync_bn,
-        seed=seed,
-        workers=workers,
-        device=device,
-        amp=not no_amp,
-        eval_every=eval_every,
-        eval_split=eval_split,
-        ckpt_every=ckpt_every,
-        log_every=log_every,
-        resume=resume,
-        storage_options=parse_storage_options(storage_option),
-        cache_dir=str(cache_dir) if cache_dir else None,
-        tensorboard=tensorboard,
+    # every flag maps onto the TrainConfig field of the same flag (cache_tools.options.flag_of)
+    flags = {**locals(), "storage_option": parse_storage_options(storage_option)}
+    config = config_from_flags(
+        TrainConfig,
+        flags,
+        {"losses": lambda v, _: _parse_losses(v), "splits": names, "crop": hw, "scales": floats},
     )
     if nproc > 1:
         from .distributed import launch
@@ -239,16 +225,29 @@ def evaluate(
     save_predictions: Annotated[
         Path | None, typer.Option(help="Write predictions as PNG under this directory.")
     ] = None,
-    color: Annotated[bool, typer.Option("--color", help="Write colour PNGs (dataset palette), not train ids.")] = False,
+    prediction_format: Annotated[
+        str,
+        typer.Option(
+            help="trainid: <dir>/<id>.png class indices | labelid: Cityscapes label ids at "
+            "<dir>/<id>_leftImg8bit.png (official evaluator, benchmark server) | color: dataset palette."
+        ),
+    ] = "trainid",
+    color: Annotated[bool, typer.Option("--color", help="Same as --prediction-format color.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Evaluate a checkpoint: mIoU and per-class IoU (cityscapesscripts definition)."""
     from pipeline.inference import pick_device
 
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import PREDICTION_FORMATS, evaluate_checkpoint
 
     if mode not in ("whole", "slide"):
         raise ConfigError(f"--mode must be whole or slide, got {mode!r}")
+    if prediction_format not in PREDICTION_FORMATS:
+        raise ConfigError(
+            f"--prediction-format must be one of {', '.join(PREDICTION_FORMATS)}, got {prediction_format!r}"
+        )
+    if color and prediction_format not in ("trainid", "color"):
+        raise ConfigError(f"--color contradicts --prediction-format {prediction_format}; give one of them")
     result = evaluate_checkpoint(
         str(checkpoint),
         str(data),
@@ -257,7 +256,7 @@ def evaluate(
         tile=parse_hw(tile, "--tile"),
         device=pick_device(device),
         save_predictions=str(save_predictions) if save_predictions else None,
-        color=color,
+        prediction_format="color" if color else prediction_format,
     )
     if json_out:
         print_json(result.to_dict() if hasattr(result, "to_dict") else result.__dict__)

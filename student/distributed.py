@@ -13,6 +13,7 @@ does not support.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -129,15 +130,22 @@ def launch(nproc: int, argv: list[str]) -> int:
     user_error = False
     held: list[str] = []
     assert proc.stderr is not None
-    for line in proc.stderr:
-        if user_error or held or line.startswith("Traceback (most recent call last):"):
-            held.append(line)
-            continue
-        if line.startswith("error:"):
-            user_error = True
-        if "torch.distributed.run" in line and "OMP_NUM_THREADS" in line:
-            continue  # torchrun's note that it set OMP_NUM_THREADS: we set it on purpose
-        sys.stderr.write(line)
+    try:
+        for line in proc.stderr:
+            if user_error or held or line.startswith("Traceback (most recent call last):"):
+                held.append(line)
+                continue
+            if line.startswith("error:"):
+                user_error = True
+            if "torch.distributed.run" in line and "OMP_NUM_THREADS" in line:
+                continue  # torchrun's note that it set OMP_NUM_THREADS: we set it on purpose
+            sys.stderr.write(line)
+    except KeyboardInterrupt:
+        # Ctrl-C reached the ranks too (one process group): let them stop, drop their own
+        # "interrupted" lines and torchrun's report, and say it once (skdstudent's run_app)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate()
+        raise
     code = proc.wait()
     if code and not user_error:
         sys.stderr.writelines(held)

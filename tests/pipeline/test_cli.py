@@ -51,7 +51,10 @@ def test_build_with_own_weights_and_json(sample_root, tmp_path, capsys):
         (["--teacher", "nope", "--random-weights"], ["unknown model 'nope'", "psp101"]),
         (["--teacher", "psp_tiny"], ["needs --weights PATH"]),
         (["--teacher", "psp_tiny", "--random-weights", "--mode", "dense", "--crop", "12xx"], ["--crop"]),
-        (["--teacher", "psp_tiny", "--random-weights", "--logits-codec", "top5"], ["unknown logits codec 'top5'"]),
+        (
+            ["--teacher", "psp_tiny", "--random-weights", "--logits-codec", "top5"],
+            ["--logits-codec", "'top5'", "gap-u8"],
+        ),
         (["--teacher", "psp_tiny", "--random-weights", "--features-codec", "jpeg"], ["unknown features codec"]),
     ],
 )
@@ -106,3 +109,144 @@ def test_build_bad_data_and_destinations(sample_root, tmp_path, capsys):
     code, _, err = run([*base, "--data", str(sample_root), "--out", str(other), "--overwrite"], capsys)
     assert_one_line_error(code, err, "not an skd cache")
     assert (other / "leftImg8bit").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# one source per option: flags, config fields and docs agree
+
+
+def test_build_flags_match_the_build_config():
+    import dataclasses
+
+    from pipeline.build import BuildConfig
+    from pipeline.cli import app
+    from tests.catalogue.conftest import flag_drift
+
+    assert flag_drift(app, "build", BuildConfig, cli_only={"json_out", "workers", "scheduler"}) == []
+    # and the check does catch drift: a field without a flag, a flag without a field
+    extra = dataclasses.make_dataclass(
+        "Extra", [("no_such_knob", int, dataclasses.field(default=3))], bases=(BuildConfig,), frozen=True, kw_only=True
+    )
+    assert flag_drift(app, "build", extra, cli_only={"json_out", "workers", "scheduler"}) == [
+        "field 'no_such_knob' has no flag --no-such-knob"
+    ]
+    assert any("--workers" in p for p in flag_drift(app, "build", BuildConfig, cli_only={"json_out", "scheduler"}))
+
+
+def test_logits_clip_help_states_the_codec_defaults():
+    import typer.main
+
+    from cache_tools.codecs import LogitCodec
+    from pipeline.cli import app
+
+    cmd = typer.main.get_command(app).commands["build"]
+    text = next(p.help for p in cmd.params if p.name == "logits_clip")
+    for codec in ("gap-u8", "gap-u16"):
+        assert f"{LogitCodec(codec).clip:g} for {codec}" in text
+
+
+# flags of other programs that the docs show (torchrun, dask, slurm) and of the benchmark scripts
+_OTHER_PROGRAMS = {"--nnodes", "--node-rank", "--nproc-per-node", "--rdzv-endpoint", "--standalone", "--port"}
+_OTHER_PROGRAMS |= {"--nthreads", "--nworkers", "--gres"}
+
+
+def test_docs_mention_only_flags_that_exist():
+    import re
+    from pathlib import Path
+
+    import typer.main
+
+    from pipeline.cli import app as cache_app
+    from student.cli import app as student_app
+
+    flags = set(_OTHER_PROGRAMS)
+    for app in (cache_app, student_app):
+        group = typer.main.get_command(app)
+        for cmd in (group, *group.commands.values()):
+            flags |= {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)}
+    repo = Path(__file__).resolve().parents[2]
+    for script in (repo / "benchmarks").glob("*.py"):
+        flags |= set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", script.read_text()))
+    unknown = {}
+    for doc in [*sorted((repo / "docs").glob("*.md")), repo / "README.md"]:
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", doc.read_text()):
+            if flag not in flags:
+                unknown.setdefault(flag, doc.name)
+    assert unknown == {}, f"docs mention flags no command has: {unknown}"
+
+
+# ------------------------------------------------------------------------------------------------
+# every numeric and choice option refused in one line (the subprocess catalogue repeats these
+# through the installed script under -m slow)
+
+_BAD_BUILD_VALUES = [
+    (["--shard-size", "0"], ["--shard-size", "at least 1"]),
+    (["--fidelity-samples", "-1"], ["--fidelity-samples"]),
+    (["--weights-format", "bogus"], ["--weights-format", "auto, skd, official"]),
+    (["--mode", "views", "--scales", "0"], ["--scales", "greater than 0"]),
+    (["--mode", "views", "--scales", "abc"], ["--scales", "numbers"]),
+    (["--threads", "-1"], ["--threads"]),
+    (["--mode", "views", "--view-seed", "-1"], ["--view-seed"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--mode", "views", "--crop", "100000x100000"], ["--crop", "at most 8192"]),
+    (["--mode", "views", "--views", "0"], ["--views"]),
+    (["--overlap", "nan"], ["--overlap", "finite"]),
+    (["--overlap", "1"], ["--overlap"]),
+    (["--logits-clip", "inf"], ["--logits-clip", "finite"]),
+    (["--logits-clip", "0"], ["--logits-clip"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--loader-workers", "-1"], ["--loader-workers"]),
+    (["--writer-threads", "0"], ["--writer-threads"]),
+    (["--queue-size", "0"], ["--queue-size"]),
+    (["--pca-samples", "0"], ["--pca-samples"]),
+    (["--features-pool", "median"], ["--features-pool", "max, avg"]),
+    (["--inference", "tiled"], ["--inference", "whole, slide"]),
+    (["--inference", "slide", "--tile", "0x0"], ["--tile"]),
+    (["--features-block", "5000x5000"], ["--features-block"]),
+    (["--compressor", "gzip"], ["unknown compressor 'gzip'"]),
+    (["--device", "tpu"], ["--device", "cpu"]),
+    (["--workers", "0"], ["--workers", "at least 1"]),
+    (["--scheduler", "nohost"], ["--scheduler", "tcp://"]),
+    (["--out", "/proc/skd.zarr"], ["cannot write to --out", "/proc"]),
+]
+
+
+@pytest.mark.parametrize("extra, fragments", _BAD_BUILD_VALUES, ids=[" ".join(e) for e, _ in _BAD_BUILD_VALUES])
+def test_every_build_option_is_checked(sample_root, tmp_path, capsys, extra, fragments):
+    out = tmp_path / "c.zarr"
+    args = ["build", "--teacher", "psp_tiny", "--random-weights", "--data", str(sample_root), "--out", str(out)]
+    code, _, err = run([*args, "--loader-workers", "0", *extra], capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_suggests_cpu(sample_root, tmp_path, capsys):
+    out = tmp_path / "c.zarr"
+    args = ["build", "--teacher", "psp_tiny", "--random-weights", "--data", str(sample_root), "--out", str(out)]
+    code, _, err = run([*args, "--device", "cuda"], capsys)
+    assert_one_line_error(code, err, "--device cuda", "no CUDA GPU", "--device cpu")
+    assert not out.exists()
+
+
+def test_build_config_refuses_bad_values_for_library_callers_too(sample_root, tmp_path):
+    from cache_tools.errors import ConfigError
+    from pipeline.build import BuildConfig
+
+    for bad in ({"shard_images": 0}, {"overlap": float("inf")}, {"crop": (100000, 100000)}, {"mode": "x"}):
+        with pytest.raises(ConfigError, match=r"^--"):
+            BuildConfig(teacher="psp_tiny", data=str(sample_root), out=str(tmp_path / "c.zarr"), **bad)
+
+
+def test_sample_data_and_demo_options_are_checked(tmp_path, capsys):
+    for extra, fragment in [
+        (["-n", "0"], "--num-images"),
+        (["--num-val", "-1"], "--num-val"),
+        (["--size", "100000x100000"], "--size"),
+        (["--seed", "-1"], "--seed"),
+    ]:
+        code, _, err = run(["sample-data", str(tmp_path / "d"), *extra], capsys)
+        assert_one_line_error(code, err, fragment)
+    code, _, err = run(["demo", "--preset", "huge", "--out", str(tmp_path / "demo")], capsys)
+    assert_one_line_error(code, err, "--preset", "full or smoke")
+    assert not any(tmp_path.iterdir())

@@ -84,4 +84,62 @@ def test_a_corrupt_chunk_stops_training_with_one_line(sample_root, caches, tmp_p
             data[30:400] = bytes(370)  # zero the start of the shard: every chunk in it is damaged
             shard.write_bytes(bytes(data))
     code, _, err = run(_train(sample_root, tmp_path / "e", "--cache", str(url), "--iters", "4"), capsys)
-    assert_one_line_error(code, err, "cannot be read", "skdcache verify")
+    assert_one_line_error(code, err, "entry", "skdcache verify")
+
+
+# ------------------------------------------------------------------------------------------------
+# one source per option, and every option checked in one line
+
+
+def test_train_flags_match_the_train_config():
+    from student.cli import app
+    from student.train import TrainConfig
+    from tests.catalogue.conftest import flag_drift
+
+    assert flag_drift(app, "train", TrainConfig, cli_only={"json_out", "nproc"}) == []
+
+
+_BAD_TRAIN_VALUES = [
+    (["--scales", "0"], ["--scales", "greater than 0"]),
+    (["--scales", "abc"], ["--scales", "numbers"]),
+    (["--scales", ","], ["--scales", "at least one"]),
+    (["--nproc", "0"], ["--nproc", "at least 1"]),
+    (["--photometric", "-5"], ["--photometric", "at least 0"]),
+    (["--photometric", "nan"], ["--photometric", "finite"]),
+    (["--lr", "nan"], ["--lr", "finite"]),
+    (["--lr", "inf"], ["--lr", "finite"]),
+    (["--lr", "-1"], ["--lr", "greater than 0"]),
+    (["--critic-lr", "0"], ["--critic-lr"]),
+    (["--momentum", "1.5"], ["--momentum"]),
+    (["--weight-decay", "-0.1"], ["--weight-decay"]),
+    (["--poly-power", "-1"], ["--poly-power"]),
+    (["--lambda-pa", "-1"], ["--lambda-pa"]),
+    (["--temperature", "0", "--pixel-mode", "kl"], ["--temperature"]),
+    (["--iters", "0"], ["--iters"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--crop", "100000x100000"], ["--crop", "at most 8192"]),
+    (["--crop", "axb"], ["--crop", "HxW"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--workers", "-1"], ["--workers"]),
+    (["--log-every", "0"], ["--log-every"]),
+    (["--eval-every", "-5"], ["--eval-every"]),
+    (["--pixel-mode", "mse"], ["--pixel-mode", "official, kl"]),
+    (["--pair", "dense"], ["--pair", "official, paper, cirkd"]),
+    (["--adversarial", "lsgan"], ["--adversarial", "wgan-gp, hinge"]),
+    (["--critic-optimizer", "rmsprop"], ["--critic-optimizer", "sgd, adam"]),
+    (["--eval-mode", "tiled"], ["--eval-mode", "whole, slide"]),
+    (["--device", "tpu"], ["--device"]),
+]
+
+
+@pytest.mark.parametrize("extra, fragments", _BAD_TRAIN_VALUES, ids=[" ".join(e) for e, _ in _BAD_TRAIN_VALUES])
+def test_every_train_option_is_checked(sample_root, tmp_path, capsys, extra, fragments):
+    out = tmp_path / "run"
+    code, _, err = run([*_train(sample_root, out, "--losses", "none"), *extra], capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert not out.exists()
+
+
+def test_train_out_under_proc_is_one_line(sample_root, capsys):
+    code, _, err = run(_train(sample_root, "/proc/skd-run", "--losses", "none"), capsys)
+    assert_one_line_error(code, err, "cannot write to --out", "/proc")
