@@ -3,13 +3,20 @@
 The build is a three-stage pipeline:
 
 1. DataLoader workers read and hash image files, decode them, check labels and cut views;
-2. the main process runs the teacher (CUDA with autocast when present, CPU otherwise) and pools
-   the distillation feature into the stored cells;
+2. the main process runs the teacher (on CUDA when present, CPU otherwise, at ``precision``: fp32
+   unless asked) and pools the distillation feature into the stored cells;
 3. a small thread pool behind a bounded queue encodes, checksums and measures each entry and
    writes each shard whole as soon as its last entry is encoded, so writing overlaps compute.
 
 Resumable: shards whose done markers are all set are skipped; re-running the same command after
-a crash continues, and any other configuration on an existing store needs ``overwrite``.
+a crash continues, re-running it on a complete store does nothing (the store is left byte for byte
+as it is), and any other configuration on an existing store needs ``overwrite``. A teacher output
+that is not finite stops the build before anything of that image is stored.
+
+Teacher precision is recorded and measured: the store's ``build`` provenance names it
+(``precision``) and, for anything but fp32, holds its error against an fp32 forward on the first
+entries of the fidelity sample (``precision_error``, :func:`measure_precision`), beside the codec's
+``fidelity``.
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache_tools.codecs import FeatureCodec, LogitCodec, fit_pca, parse_feature_codec
 from cache_tools.datasets import SegDataset, open_dataset
-from cache_tools.errors import ConfigError, DatasetError
-from cache_tools.fidelity import compose_nodes, entry_fidelity, official_kernel
+from cache_tools.errors import ConfigError, ConfigMismatchError, DatasetError, ModelError, SchemaError
+from cache_tools.fidelity import compose_nodes, entry_fidelity, official_kernel, summarize
+from cache_tools.options import MAX_SEED, MAX_SIDE, check_options, option
 from cache_tools.schema import (
     FIDELITY_COLUMNS,
+    LOGIT_CODECS,
+    POOLS,
     CacheSchema,
     Compressor,
     DatasetStamp,
@@ -42,9 +52,10 @@ from cache_tools.schema import (
     ViewsParams,
     ids_digest,
 )
+from cache_tools.storage import is_remote, local_path, remove_store
 from cache_tools.store import CacheWriter, entry_checksum, prepare_cache
 
-from .inference import output_grid, pick_device, pool_cells, run_teacher, slide_teacher
+from .inference import PRECISIONS, check_precision, output_grid, pick_device, pool_cells, run_teacher, slide_teacher
 from .teachers import Teacher, create_teacher
 from .views import OFFICIAL_SCALES, apply_view, sample_views
 
@@ -52,8 +63,11 @@ __all__ = [
     "BuildConfig",
     "BuildProgress",
     "BuildResult",
+    "NonFiniteTeacherError",
+    "already_complete",
     "build_cache",
     "build_shards",
+    "measure_precision",
     "plan_build",
     "prepare_build",
 ]
@@ -63,73 +77,71 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class BuildConfig:
-    """Everything ``skdcache build`` needs. CLI flags map one-to-one onto these fields."""
+    """Everything ``skdcache build`` needs; each field is one ``skdcache build`` flag.
+
+    Choices and ranges live on the fields (:func:`cache_tools.options.option`): a library caller gets
+    the same one-line :class:`ConfigError` as a CLI user, and the CLI tests check every flag's
+    default and help against them. Fields marked ``internal`` have no flag on purpose.
+    """
 
     teacher: str
     data: str
     out: str
     weights: str | None = None
     random_weights: bool = False
-    seed: int = 0
-    weights_format: str = "auto"
-    splits: tuple[str, ...] = ("train",)
-    mode: str = "dense"
+    seed: int = option(0, lo=0, hi=MAX_SEED)
+    weights_format: str = option("auto", choices=("auto", "skd", "official"))
+    splits: tuple[str, ...] = option(("train",), flag="--split")
+    mode: str = option("dense", choices=("dense", "views"))
     # views mode
-    views: int = 4
-    crop: tuple[int, int] = (512, 512)
-    view_seed: int = 0
-    scales: tuple[float, ...] = OFFICIAL_SCALES
-    flip: bool = True
+    views: int = option(4, lo=1, hi=1024)
+    crop: tuple[int, int] = option((512, 512), lo=1, hi=MAX_SIDE)
+    view_seed: int = option(0, lo=0, hi=MAX_SEED)
+    scales: tuple[float, ...] = option(OFFICIAL_SCALES, lo=0, lo_open=True, hi=16)
+    flip: bool = option(True, flag="--no-flip")
     # dense mode
     dense_flip: bool = False
-    inference: str = "whole"
-    tile: tuple[int, int] | None = None
-    overlap: float = 1.0 / 3.0
+    inference: str = option("whole", choices=("whole", "slide"))
+    tile: tuple[int, int] | None = option(None, lo=1, hi=MAX_SIDE)
+    overlap: float = option(1.0 / 3.0, lo=0, hi=0.99)
     # what is stored and how
-    logits_codec: str = "gap-u8"
-    logits_clip: float | None = None
-    features: bool = True
+    logits_codec: str = option("gap-u8", choices=LOGIT_CODECS)
+    logits_clip: float | None = option(None, lo=0, lo_open=True, hi=1000)  # None: the codec's own (48 / 64)
+    features: bool = option(True, flag="--no-features")
     features_codec: str = "fp16"
-    features_pool: str = "max"
-    features_block: tuple[int, int] | None = None
+    features_pool: str = option("max", choices=POOLS)
+    features_block: tuple[int, int] | None = option(None, lo=1, hi=1024)
     compressor: str = "zstd:1"
-    shard_images: int | None = None
+    shard_images: int | None = option(None, flag="--shard-size", lo=1, hi=65536)
     # execution
-    batch_size: int = 8
-    loader_workers: int = 2
-    writer_threads: int = 2
-    queue_size: int = 8
+    batch_size: int = option(8, lo=1, hi=4096)
+    loader_workers: int = option(2, lo=0, hi=256)
+    writer_threads: int = option(2, lo=1, hi=256)
+    queue_size: int = option(8, lo=1, hi=4096)
     device: str = "auto"
-    amp: bool = True
-    fidelity_samples: int = 64
-    pca_samples: int = 16
+    precision: str = option("fp32", choices=PRECISIONS)
+    amp: bool = option(True, flag="--no-amp")  # deprecated: --no-amp is --precision fp32 (the default)
+    fidelity_samples: int = option(64, lo=0, hi=1_000_000)
+    pca_samples: int = option(16, lo=1, hi=100_000)
     skip_unreadable: bool = False
     overwrite: bool = False
-    storage_options: dict = field(default_factory=dict)
-    threads: int | None = None
+    storage_options: dict = option(default_factory=dict, flag="--storage-option")  # noqa: RUF009 (a field specifier)
+    threads: int | None = option(None, lo=1, hi=4096)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("dense", "views"):
-            raise ConfigError(f"--mode must be dense or views, got {self.mode!r}")
-        if self.inference not in ("whole", "slide"):
-            raise ConfigError(f"--inference must be whole or slide, got {self.inference!r}")
+        check_options(self)
         if self.inference == "slide" and self.tile is None:
             raise ConfigError("--inference slide needs --tile HxW")
-        if self.features_pool not in ("max", "avg"):
-            raise ConfigError(f"--features-pool must be max or avg, got {self.features_pool!r}")
-        if self.views < 1:
-            raise ConfigError("--views must be at least 1")
-        if not 0 <= self.overlap < 1:
-            raise ConfigError("--overlap must be in [0, 1)")
-        if self.batch_size < 1 or self.loader_workers < 0 or self.writer_threads < 1:
-            raise ConfigError("--batch-size and --writer-threads must be at least 1, --loader-workers at least 0")
         if self.weights and self.random_weights:
             raise ConfigError("give either --weights or --random-weights, not both")
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise ConfigError("--scales must be positive numbers")
-        LogitCodec(self.logits_codec, clip=self.logits_clip)  # validates the name
-        parse_feature_codec(self.features_codec)
-        Compressor.parse(self.compressor)
+        if not self.scales:
+            raise ConfigError("--scales needs at least one number")
+        try:  # the codec and compressor names and their parameters
+            LogitCodec(self.logits_codec, clip=self.logits_clip)
+            parse_feature_codec(self.features_codec)
+            Compressor.parse(self.compressor)
+        except SchemaError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def entries_per_image(self) -> int:
@@ -149,6 +161,13 @@ class BuildProgress:
 
 @dataclass
 class BuildResult:
+    """What a build did.
+
+    Attributes:
+        already_complete: the destination already held a complete cache of this configuration;
+            nothing was run or written (the store is byte for byte as it was).
+    """
+
     url: str
     schema: CacheSchema
     resumed: bool
@@ -157,6 +176,26 @@ class BuildResult:
     teacher_seconds: float
     bytes_encoded: int
     skipped_images: list[str] = field(default_factory=list)
+    already_complete: bool = False
+
+
+class NonFiniteTeacherError(ModelError):
+    """The teacher produced NaN or infinite values; nothing of that image was stored."""
+
+
+def _check_finite(plan: BuildPlan, images: Sequence[int], per_image: int, **outputs: torch.Tensor) -> None:
+    """Refuse teacher outputs (first axis: ``per_image`` entries per image) that are not all finite."""
+    for what, value in outputs.items():
+        if value is None or bool(torch.isfinite(value).all()):
+            continue
+        bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(dim=1)
+        first = int(torch.nonzero(bad)[0, 0]) // per_image
+        raise NonFiniteTeacherError(
+            f"the teacher's {what} for image {plan.ids[images[first]]} hold NaN or infinite values; nothing of "
+            "it was stored and the cache stays incomplete. Likely causes: weights that were not loaded or are "
+            "broken (check --weights), input normalisation that does not match the teacher, or overflow in "
+            "reduced precision (try --no-amp / --precision fp32)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,6 +215,19 @@ class BuildPlan:
     grids: np.ndarray  # (E, 2)
     schema: CacheSchema
     skipped: list[str]
+    precision: str = "fp32"
+    precision_error: dict = field(default_factory=dict)  # measure_precision(), filled by prepare_build
+
+
+def _teacher_precision(config: BuildConfig, device: torch.device) -> str:
+    """The teacher's precision on ``device``; ``--no-amp`` (deprecated) is another name for fp32."""
+    if not config.amp and config.precision != "fp32":
+        raise ConfigError(
+            f"--no-amp (deprecated) means --precision fp32 and contradicts --precision {config.precision}; "
+            "drop --no-amp"
+        )
+    check_precision(device, config.precision)
+    return config.precision
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -227,6 +279,7 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     sizes = np.array([_image_size(dataset.records[i].image_path) for i in records], dtype=np.int64)
 
     device = pick_device(config.device)
+    precision = _teacher_precision(config, device)
     teacher = create_teacher(
         config.teacher,
         num_classes=dataset.num_classes,
@@ -324,8 +377,9 @@ def plan_build(config: BuildConfig) -> BuildPlan:
             if config.mode == "dense"
             else None
         ),
+        build={"precision": precision},  # recorded at creation: a resume must use the same
     )
-    return BuildPlan(config, dataset, records, ids, sizes, teacher, device, views, grids, schema, skipped)
+    return BuildPlan(config, dataset, records, ids, sizes, teacher, device, views, grids, schema, skipped, precision)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,18 +505,18 @@ def _feature_codec_for(plan: BuildPlan, writer: CacheWriter) -> FeatureCodec | N
     return FeatureCodec(layout.codec)
 
 
-def _teacher_outputs(plan: BuildPlan, crops: torch.Tensor, img: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _teacher_outputs(
+    plan: BuildPlan, crops: torch.Tensor, img: int, precision: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher on one image's crops at ``precision`` (default: the build's)."""
     cfg = plan.config
     model, device = plan.teacher.model, plan.device
+    precision = precision or plan.precision
     if cfg.mode == "dense" and cfg.inference == "slide":
-        outs = [
-            slide_teacher(
-                model, c[None], tuple(plan.grids[img * cfg.entries_per_image]), cfg.tile, cfg.overlap, device, cfg.amp
-            )
-            for c in crops
-        ]
+        grid = tuple(plan.grids[img * cfg.entries_per_image])
+        outs = [slide_teacher(model, c[None], grid, cfg.tile, cfg.overlap, device, precision) for c in crops]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-    return run_teacher(model, crops, device, cfg.amp)
+    return run_teacher(model, crops, device, precision)
 
 
 def _fit_pca(plan: BuildPlan, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -475,6 +529,7 @@ def _fit_pca(plan: BuildPlan, k: int) -> tuple[np.ndarray, np.ndarray]:
     for n in range(min(cfg.pca_samples, len(source))):
         img, _sha, crops = source[n]
         _, feat = _teacher_outputs(plan, crops, img)
+        _check_finite(plan, [img], len(crops), features=feat)
         cells = pool_cells(feat, layout.block, layout.pool)
         vectors.append(cells.permute(0, 2, 3, 1).reshape(-1, cells.shape[1]).cpu().numpy())
     basis, mean, kept = fit_pca(np.concatenate(vectors), k)
@@ -482,27 +537,135 @@ def _fit_pca(plan: BuildPlan, k: int) -> tuple[np.ndarray, np.ndarray]:
     return basis, mean
 
 
+def _refuse_out_over_data(config: BuildConfig) -> None:
+    """--out must not be the dataset or a folder holding it (--overwrite would delete the images)."""
+    if is_remote(config.out) or is_remote(config.data):
+        return
+    out, data = local_path(config.out).resolve(), local_path(config.data).resolve()
+    if data == out or out in data.parents:
+        raise ConfigError(f"--out {config.out} holds the dataset --data {config.data}; choose another --out")
+
+
 def prepare_build(config: BuildConfig) -> tuple[BuildPlan, CacheWriter, bool]:
-    """Plan, fit the PCA basis if asked, and create (or reopen for resume) the store."""
+    """Plan and create (or reopen for resume) the store; a new ``pca`` store gets its basis fitted.
+
+    A resumed store keeps the basis it holds: the fit (which runs the teacher) happens only when
+    the store is created.
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
+    _refuse_out_over_data(config)
     plan = plan_build(config)
     schema = plan.schema
     pca = None
     if schema.features is not None and schema.features.codec == "pca":
-        pca = _fit_pca(plan, schema.features.depth)
-    writer, resumed = prepare_cache(
-        config.out,
-        schema,
-        image_ids=plan.ids,
-        image_sizes=plan.sizes,
-        views=plan.views,
-        grids=plan.grids,
-        pca=pca,
-        overwrite=config.overwrite,
-        storage_options=config.storage_options or None,
-    )
+        depth = schema.features.depth
+
+        def pca() -> tuple[np.ndarray, np.ndarray]:
+            return _fit_pca(plan, depth)
+
+    def prepare() -> tuple[CacheWriter, bool]:
+        return prepare_cache(
+            config.out,
+            schema,
+            image_ids=plan.ids,
+            image_sizes=plan.sizes,
+            views=plan.views,
+            grids=plan.grids,
+            pca=pca,
+            overwrite=config.overwrite,
+            storage_options=config.storage_options or None,
+        )
+
+    writer, resumed = prepare()
+    if resumed and _other_precision(writer.schema, plan.precision, config):
+        remove_store(config.out, config.storage_options or None)  # skd's own cache, replaced with --overwrite
+        writer, resumed = prepare()
+    if writer.schema.status != "complete":
+        plan.precision_error = measure_precision(plan)
     return plan, writer, resumed
+
+
+def _other_precision(existing: CacheSchema, precision: str, config: BuildConfig) -> bool:
+    """True when ``existing`` was built at another teacher precision and ``--overwrite`` replaces it.
+
+    Precision changes the stored values, so a store is resumed (or found complete) only at the
+    precision it records; stores from before the choice existed record none and are taken as they are.
+
+    Raises:
+        ConfigMismatchError: another precision, without ``--overwrite``.
+    """
+    recorded = existing.build.get("precision")
+    if recorded is None or recorded == precision:
+        return False
+    if config.overwrite:
+        return True
+    raise ConfigMismatchError(
+        f"{config.out} already holds a cache built with --precision {recorded} (now {precision}); re-run with "
+        f"--precision {recorded} to resume it, pass --overwrite to replace it, or choose another --out"
+    )
+
+
+#: Entries (the first of the fidelity sample) the teacher's precision is measured on: each costs two
+#: teacher forwards.
+PRECISION_SAMPLES = 4
+
+
+def measure_precision(plan: BuildPlan) -> dict:
+    """The build precision's error against an fp32 forward of the same teacher on the same crops.
+
+    Measured on the first ``min(4, fidelity_samples)`` entries of the codec's fidelity sample, with
+    the codec fidelity's columns (KL at T=1 and T=4, argmax agreement, pair-wise cosine error of the
+    stored nodes), plus the largest logit difference and, under ``stored_vs_fp32``, the stored
+    (precision + codec) targets against the fp32 teacher. fp32 itself is exact and not run.
+
+    Raises:
+        NonFiniteTeacherError: either forward is not finite.
+    """
+    if plan.precision == "fp32":
+        return {"reference": "fp32", "exact": True}
+    t0 = time.perf_counter()
+    cfg, schema = plan.config, plan.schema
+    total, k = schema.num_entries, schema.entries_per_image
+    every = max(1, total // max(1, cfg.fidelity_samples))  # the codec fidelity's sample (build_shards)
+    entries = list(range(0, total, every))[: min(PRECISION_SAMPLES, cfg.fidelity_samples)]
+    source = _ImageSource(plan.dataset, plan.records, plan.views, k, list(range(len(plan.ids))))
+    codec = LogitCodec.from_params(schema.logits.codec, schema.logits.params)
+    rows, stored, max_diff = [], [], 0.0
+    for e in entries:
+        img = e // k
+        crop = source[img][2][e % k : e % k + 1]
+        ref = _teacher_outputs(plan, crop, img, "fp32")
+        got = _teacher_outputs(plan, crop, img)
+        for outs in (ref, got):
+            _check_finite(plan, [img], 1, logits=outs[0], features=outs[1])
+        h, w = (int(x) for x in plan.grids[e])
+        z_ref, z_got = (o[0][0, :, :h, :w].cpu().numpy() for o in (ref, got))
+        rows.append(entry_fidelity(z_ref, z_got, *_precision_nodes(schema, ref[1], got[1], (h, w))))
+        stored.append(entry_fidelity(z_ref, codec.decode(codec.encode(z_got)[0])))
+        max_diff = max(max_diff, float(np.abs(z_ref - z_got).max()))
+    out = {"reference": "fp32", "exact": False, **summarize(np.stack(rows) if rows else _no_rows())}
+    if rows:
+        keep = ("kl_t1_mean", "kl_t1_max", "argmax_agreement")
+        out["max_abs_logit_diff"] = max_diff
+        out["stored_vs_fp32"] = {key: v for key, v in summarize(np.stack(stored)).items() if key in keep}
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    logger.info("teacher precision %s vs fp32: %s", plan.precision, out)
+    return out
+
+
+def _no_rows() -> np.ndarray:
+    return np.empty((0, len(FIDELITY_COLUMNS)), dtype=np.float32)
+
+
+def _precision_nodes(schema: CacheSchema, ref: torch.Tensor, got: torch.Tensor, grid: tuple[int, int]):
+    """The pair-wise loss's nodes of two feature maps, as the codec fidelity composes them (or None, None)."""
+    layout = schema.features
+    if layout is None:
+        return None, None
+    kernel = official_kernel(*grid)
+    cells = (pool_cells(f, layout.block, layout.pool)[0].cpu().numpy() for f in (ref, got))
+    return tuple(compose_nodes(c, layout.block, grid, kernel, layout.pool) for c in cells)
 
 
 def shard_images(schema: CacheSchema, shards: Sequence[int]) -> list[int]:
@@ -540,7 +703,8 @@ def build_shards(
 def build_info(plan: BuildPlan, seconds: float, teacher_seconds: float, **extra) -> dict:
     info = {
         "device": str(plan.device),
-        "amp": bool(plan.config.amp and plan.device.type == "cuda"),
+        "precision": plan.precision,
+        "precision_error": plan.precision_error,
         "batch_size": plan.config.batch_size,
         "seconds": round(seconds, 3),
         "teacher_seconds": round(teacher_seconds, 3),
@@ -555,6 +719,8 @@ def build_cache(config: BuildConfig, progress: Callable[[BuildProgress], None] |
     """Run the teacher over the dataset and write (or resume) the cache at ``config.out``."""
     t0 = time.perf_counter()
     plan, writer, resumed = prepare_build(config)
+    if writer.schema.status == "complete":
+        return already_complete(plan, writer, time.perf_counter() - t0)
     written, nbytes, teacher_seconds = build_shards(plan, writer, writer.pending_shards(), progress, t0)
     final = writer.finalize(build_info(plan, time.perf_counter() - t0, teacher_seconds))
     return BuildResult(
@@ -566,6 +732,26 @@ def build_cache(config: BuildConfig, progress: Callable[[BuildProgress], None] |
         teacher_seconds=teacher_seconds,
         bytes_encoded=nbytes,
         skipped_images=plan.skipped,
+    )
+
+
+def already_complete(plan: BuildPlan, writer: CacheWriter, seconds: float) -> BuildResult:
+    """The result of a build whose destination is already a complete cache of its configuration.
+
+    Nothing is run or written: re-finalising would rewrite the provenance (and so the root
+    document that copies and read-through caches are keyed on).
+    """
+    logger.info("%s is already a complete cache of this configuration; nothing to do", writer.url)
+    return BuildResult(
+        url=plan.config.out,
+        schema=writer.schema,
+        resumed=True,
+        entries_written=0,
+        seconds=seconds,
+        teacher_seconds=0.0,
+        bytes_encoded=0,
+        skipped_images=plan.skipped,
+        already_complete=True,
     )
 
 
@@ -621,6 +807,7 @@ def _run_pipeline(
             crops = torch.cat([c for _, _, c in batch])
             tt = time.perf_counter()
             logits, feature = _teacher_outputs(plan, crops, batch[0][0])
+            _check_finite(plan, [img for img, _, _ in batch], k, logits=logits, features=feature)
             cells = pool_cells(feature, layout.block, layout.pool) if layout is not None else None
             logits_np = logits.cpu().numpy()
             cells_np = None if cells is None else cells.cpu().numpy()

@@ -10,12 +10,14 @@ SKD script's (skd_spec §3–§4); docs/training.md lists which are the paper's 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cache_tools.errors import ConfigError, SkdError, WeightsError
+from cache_tools.datasets import open_dataset
+from cache_tools.errors import CacheWriteError, ConfigError, DatasetError, SkdError, WeightsError
+from cache_tools.options import MAX_SEED, MAX_SIDE, check_options, option
 from pipeline.inference import autocast, pick_device
 from pipeline.teachers import create_teacher, save_weights
 from pipeline.views import OFFICIAL_SCALES
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import first_nonfinite, load_checkpoint, save_checkpoint
 from .critic import Critic
 from .data import DrawSampler, PairSpec, SegTrainData, TrainBatch, collate_samples, raise_worker_error
 from .distributed import DistEnv, all_reduce_grads, check_in_sync, dist_env, init_distributed, shutdown_distributed
@@ -40,6 +44,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",
+    "check_eval_split",
     "check_out_dir",
     "poly_lr",
     "train",
@@ -52,12 +57,17 @@ LOSS_NAMES = ("pixel", "pair", "holistic")
 
 
 class TrainingDivergedError(SkdError):
-    """A loss became NaN/inf; the run stopped and kept its last good checkpoint."""
+    """A loss, the teacher targets or the weights went NaN/inf; the run stopped without saving them."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Everything ``skdstudent train`` needs; flags map one-to-one onto these fields."""
+    """Everything ``skdstudent train`` needs; each field is one ``skdstudent train`` flag.
+
+    Choices and ranges live on the fields (:func:`cache_tools.options.option`): a library caller gets
+    the same one-line :class:`ConfigError` as a CLI user, and the CLI tests check every flag's
+    default and help against them. Fields marked ``internal`` have no flag on purpose.
+    """
 
     data: str
     out: str
@@ -65,52 +75,54 @@ class TrainConfig:
     cache: str | None = None
     teacher: str | None = None
     weights: str | None = None
-    teacher_random_weights: bool = False
+    teacher_random_weights: bool = option(False, internal=True)  # smoke tests of the online mode
     losses: tuple[str, ...] = LOSS_NAMES
-    splits: tuple[str, ...] = ("train",)
-    iters: int = 40000
-    batch_size: int = 8
-    crop: tuple[int, int] = (512, 512)
-    scales: tuple[float, ...] | None = None  # None: the official 0.7..2.1
-    flip: bool = True
-    photometric: float = 0.0
+    splits: tuple[str, ...] = option(("train",), flag="--split")
+    iters: int = option(40000, lo=1, hi=10**9)
+    batch_size: int = option(8, lo=1, hi=4096)
+    crop: tuple[int, int] = option((512, 512), lo=1, hi=MAX_SIDE)
+    scales: tuple[float, ...] | None = option(None, lo=0, lo_open=True, hi=16)  # None: the official 0.7..2.1
+    flip: bool = option(True, flag="--no-flip")
+    photometric: float = option(0.0, lo=0, hi=1)
     # student optimisation (official script)
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    poly_power: float = 0.9
+    lr: float = option(0.01, lo=0, lo_open=True)
+    momentum: float = option(0.9, lo=0, hi=0.999)
+    weight_decay: float = option(5e-4, lo=0, hi=1)
+    poly_power: float = option(0.9, lo=0, hi=10)
     pretrained: str | None = None
     sync_bn: bool = False
     # distillation (official defaults; see DistillationWeights)
-    lambda_pi: float = 10.0
-    lambda_pa: float = 0.5
-    lambda_d: float = 0.1
-    lambda_gp: float = 10.0
-    aux_weight: float = 0.4
-    pixel_mode: str = "official"  # or "kl" (CIRKD)
-    temperature: float = 1.0
-    pair_preset: str = "official"  # or "paper" (avg pooling), "cirkd" (2x2 max, F.normalize)
-    adversarial: str = "wgan-gp"  # or "hinge" (CIRKD)
-    critic_optimizer: str = "sgd"  # official; or "adam" (CIRKD, TorchDistiller)
-    critic_lr: float = 4e-4
+    lambda_pi: float = option(10.0, lo=0)
+    lambda_pa: float = option(0.5, lo=0)
+    lambda_d: float = option(0.1, lo=0)
+    lambda_gp: float = option(10.0, lo=0)
+    aux_weight: float = option(0.4, lo=0)
+    pixel_mode: str = option("official", choices=("official", "kl"))  # kl: CIRKD
+    temperature: float = option(1.0, lo=0, lo_open=True, hi=100)
+    # paper: avg pooling; cirkd: 2x2 max, F.normalize
+    pair_preset: str = option("official", flag="--pair", choices=("official", "paper", "cirkd"))
+    adversarial: str = option("wgan-gp", choices=("wgan-gp", "hinge"))  # hinge: CIRKD
+    critic_optimizer: str = option("sgd", choices=("sgd", "adam"))  # adam: CIRKD, TorchDistiller
+    critic_lr: float = option(4e-4, lo=0, lo_open=True)
     critic_image: bool = False  # the paper's image-conditioned critic
     # execution
-    seed: int = 0
-    workers: int = 2
+    seed: int = option(0, lo=0, hi=MAX_SEED)
+    workers: int = option(2, lo=0, hi=256)
     device: str = "auto"
-    amp: bool = True
-    eval_every: int = 0  # 0: only at the end
+    amp: bool = option(True, flag="--no-amp")
+    eval_every: int = option(0, lo=0)  # 0: only at the end
     eval_split: str = "val"
-    eval_mode: str = "whole"
-    ckpt_every: int = 0  # 0: every eval, and at the end
-    log_every: int = 10
+    eval_mode: str = option("whole", choices=("whole", "slide"))
+    ckpt_every: int = option(0, lo=0)  # 0: every eval, and at the end
+    log_every: int = option(10, lo=1)
     resume: bool = False
-    storage_options: dict = field(default_factory=dict)
+    storage_options: dict = option(default_factory=dict, flag="--storage-option")  # noqa: RUF009 (a field specifier)
     cache_dir: str | None = None
     tensorboard: bool = False
-    deterministic: bool = True
+    deterministic: bool = option(True, flag="--no-deterministic")
 
     def __post_init__(self) -> None:
+        check_options(self)
         unknown = set(self.losses) - set(LOSS_NAMES)
         if unknown:
             raise ConfigError(f"unknown loss {sorted(unknown)[0]!r}; --losses takes pixel, pair, holistic or none")
@@ -123,20 +135,10 @@ class TrainConfig:
             )
         if self.teacher and not (self.weights or self.teacher_random_weights):
             raise ConfigError(f"--teacher {self.teacher} needs --weights PATH")
-        if self.iters < 1 or self.batch_size < 1:
-            raise ConfigError("--iters and --batch-size must be at least 1")
-        if self.pixel_mode not in ("official", "kl"):
-            raise ConfigError("--pixel-mode must be official or kl")
+        if self.scales is not None and not self.scales:
+            raise ConfigError("--scales needs at least one number")
         if self.pixel_mode == "official" and self.temperature != 1.0:
             raise ConfigError("the official pixel-wise loss uses T=1; use --pixel-mode kl for a temperature")
-        if self.pair_preset not in ("official", "paper", "cirkd"):
-            raise ConfigError("--pair must be official, paper or cirkd")
-        if self.adversarial not in ("wgan-gp", "hinge"):
-            raise ConfigError("--adversarial must be wgan-gp or hinge")
-        if self.critic_optimizer not in ("sgd", "adam"):
-            raise ConfigError("--critic-optimizer must be sgd or adam")
-        if self.eval_mode not in ("whole", "slide"):
-            raise ConfigError("--eval-mode must be whole or slide")
         DistillationWeights(
             lambda_pi=self.lambda_pi,
             lambda_pa=self.lambda_pa,
@@ -187,29 +189,37 @@ def _pair_loss(preset: str) -> PairWiseLoss:
 
 
 def _pair_spec(loss: PairWiseLoss) -> PairSpec:
-    fixed = (
-        loss.fixed_kernel if isinstance(loss.fixed_kernel, int) or loss.fixed_kernel is None else loss.fixed_kernel[0]
-    )
+    """The data side of a pair-wise loss; a fixed kernel keeps both sides (``(kh, kw)`` need not be square)."""
+    fixed = loss.fixed_kernel
+    if fixed is not None and not isinstance(fixed, int):
+        fixed = (int(fixed[0]), int(fixed[1]))
     return PairSpec(pool=loss.pool, pool_scale=loss.pool_scale, fixed_kernel=fixed)
 
 
-def _task_loss(out, label: Tensor, aux_weight: float) -> Tensor:
-    """CE at the label resolution (logits upsampled bilinearly, align_corners=True) + aux_weight * aux CE."""
-    size = label.shape[-2:]
-    up = F.interpolate(out.logits.float(), size=size, mode="bilinear", align_corners=True)
-    loss = F.cross_entropy(up, label, ignore_index=255)
+def _cross_entropy(logits: Tensor, label: Tensor, ignore_index: int) -> Tensor:
+    """CE at the label resolution (logits upsampled bilinearly, align_corners=True), mean over labelled pixels.
+
+    A batch without any labelled pixel gives 0 (and no gradient), where the mean would be 0/0 = NaN.
+    """
+    up = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=True)
+    total = F.cross_entropy(up, label, ignore_index=ignore_index, reduction="sum")
+    return total / (label != ignore_index).sum().clamp_min(1)
+
+
+def _task_loss(out, label: Tensor, aux_weight: float, ignore_index: int) -> Tensor:
+    """Main-head CE + aux_weight * aux-head CE (the official deep supervision)."""
+    loss = _cross_entropy(out.logits, label, ignore_index)
     if out.aux is not None and aux_weight > 0:
-        up_aux = F.interpolate(out.aux.float(), size=size, mode="bilinear", align_corners=True)
-        loss = loss + aux_weight * F.cross_entropy(up_aux, label, ignore_index=255)
+        loss = loss + aux_weight * _cross_entropy(out.aux, label, ignore_index)
     return loss
 
 
-def _valid_on_grid(label: Tensor, grid: tuple[int, int]) -> Tensor:
+def _valid_on_grid(label: Tensor, grid: tuple[int, int], ignore_index: int) -> Tensor:
     """Label != ignore at the grid nodes (nearest node pixel, align_corners=True positions)."""
     h, w = label.shape[-2:]
     ys = torch.linspace(0, h - 1, grid[0], device=label.device).round().long()
     xs = torch.linspace(0, w - 1, grid[1], device=label.device).round().long()
-    return label[:, ys][:, :, xs] != 255
+    return label[:, ys][:, :, xs] != ignore_index
 
 
 @dataclass
@@ -217,6 +227,41 @@ class Targets:
     logits: Tensor | None
     nodes: Tensor | None
     grid: tuple[int, int]
+
+
+#: What can go non-finite, in blame order: when several do at the same step, the first is the cause.
+WATCHED = ("targets", "task", "pixel", "pair", "adv", "critic")
+
+
+class FiniteWatch:
+    """The first step at which each watched value went NaN/inf, kept on the device.
+
+    :meth:`update` queues a few tiny kernels per step and never syncs; :meth:`first_bad` syncs once
+    (at log, evaluation and checkpoint steps) and agrees across ranks.
+    """
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((len(WATCHED),), -1, dtype=torch.long, device=device)
+        self.device = device
+
+    def update(self, step: int, values: dict[str, Tensor | None]) -> None:
+        """Record which of ``values`` (any shape; None = not used) hold a non-finite number at ``step``."""
+        bad = torch.zeros(len(WATCHED), dtype=torch.bool, device=self.device)
+        for i, name in enumerate(WATCHED):
+            v = values.get(name)
+            if v is not None:
+                bad[i] = ~torch.isfinite(v.detach()).all()
+        self.first = torch.where((self.first < 0) & bad, step, self.first)
+
+    def first_bad(self, env: DistEnv) -> dict[str, int]:
+        """``{name: first step}`` of every value that went non-finite on any rank (one sync)."""
+        first = self.first
+        if env.world > 1:  # the earliest step over all ranks: every rank stops with the same message
+            never = torch.iinfo(torch.long).max
+            first = torch.where(first < 0, never, first)
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+            first = torch.where(first == never, -1, first)
+        return {name: int(at) for name, at in zip(WATCHED, first.tolist(), strict=True) if at >= 0}
 
 
 @dataclass
@@ -237,6 +282,17 @@ class Setup:
     critic_optimizer: torch.optim.Optimizer | None
     teacher: nn.Module | None
     out: Path
+    eval_split: str | None  # None: no evaluation
+    watch: FiniteWatch
+
+
+def _teacher_input(batch: TrainBatch) -> Tensor:
+    """The crop the online teacher sees: un-jittered, as a cache's teacher saw it.
+
+    Photometric jitter is the student's augmentation only; the data side hands the clean crop over
+    as ``teacher_image`` when it jitters (otherwise ``image`` is clean).
+    """
+    return batch.image if batch.teacher_image is None else batch.teacher_image
 
 
 def _teacher_targets(s: Setup, batch: TrainBatch) -> Targets:
@@ -244,40 +300,49 @@ def _teacher_targets(s: Setup, batch: TrainBatch) -> Targets:
     if s.teacher is None:
         return Targets(batch.teacher_logits, batch.teacher_nodes, batch.teacher_grid)
     with torch.no_grad(), autocast(s.device, s.config.amp):
-        out = s.teacher(batch.image)
+        out = s.teacher(_teacher_input(batch))
     logits = out.logits.float()
     nodes = s.pair.nodes(out.feature.float()) if s.pair is not None else None
     return Targets(logits, nodes, tuple(logits.shape[-2:]))
 
 
-def train_step(s: Setup, batch: TrainBatch, step: int) -> dict[str, float]:
-    """One iteration: student step (task + distillation), then one critic step (1:1, official)."""
+def _student_terms(s: Setup, batch: TrainBatch, targets: Targets, image: Tensor | None):
+    """The student's forward pass and its weighted loss terms (task + the chosen distillation terms)."""
     cfg, w = s.config, s.config.weights_
-    lr = poly_lr(cfg.lr, step, cfg.iters, cfg.poly_power)
-    for g in s.optimizer.param_groups:
-        g["lr"] = lr
-    targets = _teacher_targets(s, batch)
-    image = batch.image if cfg.critic_image else None
-    metrics: dict[str, float] = {"lr": lr}
-
-    s.model.train()
+    ignore = s.data.dataset.ignore_index
     with autocast(s.device, cfg.amp):
         out = s.model(batch.image)
-        terms = {"task": _task_loss(out, batch.label, w.aux_weight)}
+        terms = {"task": _task_loss(out, batch.label, w.aux_weight, ignore)}
         if s.pixel is not None:
-            valid = _valid_on_grid(batch.label, targets.grid) if cfg.pixel_mode == "kl" else None
+            valid = _valid_on_grid(batch.label, targets.grid, ignore) if cfg.pixel_mode == "kl" else None
             terms["pixel"] = w.lambda_pi * s.pixel(out.logits, targets.logits, valid)
         if s.pair is not None:
             terms["pair"] = w.lambda_pa * s.pair(out.feature, targets.nodes, targets.grid)
     if s.holistic is not None:
         with autocast(s.device, False):  # the critic runs in fp32
             terms["adv"] = w.lambda_d * s.holistic.generator_term(out.logits.float(), targets.grid, image)
-    loss = sum(terms.values())
-    metrics.update({k: float(v.detach()) for k, v in terms.items()})
-    metrics["loss"] = float(loss.detach())
-    if not math.isfinite(metrics["loss"]):
-        raise _diverged(step, metrics)
+    return out, terms
 
+
+def train_step(s: Setup, batch: TrainBatch, step: int) -> dict[str, Tensor | float]:
+    """One iteration: student step (task + distillation), then one critic step (1:1, official).
+
+    Returns the metrics as detached device tensors (``lr`` a float): reading them is a device->host
+    sync, which the loop does only at log steps. Non-finite values are recorded in ``s.watch``
+    instead of being checked here; the loop checks before it logs, evaluates or saves.
+    """
+    cfg, w = s.config, s.config.weights_
+    lr = poly_lr(cfg.lr, step, cfg.iters, cfg.poly_power)
+    for g in s.optimizer.param_groups:
+        g["lr"] = lr
+    targets = _teacher_targets(s, batch)
+    image = batch.image if cfg.critic_image else None
+
+    s.model.train()
+    out, terms = _student_terms(s, batch, targets, image)
+    loss = sum(terms.values())
+    metrics: dict[str, Tensor | float] = {"lr": lr, **{k: v.detach() for k, v in terms.items()}}
+    metrics["loss"] = loss.detach()
     s.optimizer.zero_grad(set_to_none=True)
     if s.scaler is not None:
         s.scaler.scale(loss).backward()
@@ -294,24 +359,75 @@ def train_step(s: Setup, batch: TrainBatch, step: int) -> dict[str, float]:
         s.critic_optimizer.zero_grad(set_to_none=True)
         d_loss, parts = s.holistic.critic_term(out.logits.float(), targets.logits.float(), image)
         d_loss = w.lambda_d * d_loss
-        if not math.isfinite(float(d_loss.detach())):
-            metrics["critic"] = float(d_loss.detach())
-            raise _diverged(step, metrics)
         d_loss.backward()
         all_reduce_grads(s.holistic.critic, s.env)
         s.critic_optimizer.step()
-        metrics["critic"] = float(d_loss.detach())
-        metrics.update({f"critic_{k}": float(v) for k, v in parts.items()})
+        metrics["critic"] = d_loss.detach()
+        metrics.update({f"critic_{k}": v.detach() for k, v in parts.items()})
+    watched = {k: metrics[k] for k in WATCHED if isinstance(metrics.get(k), Tensor)}
+    s.watch.update(step + 1, {**watched, "targets": _targets_probe(targets)})
     return metrics
 
 
-def _diverged(step: int, metrics: dict[str, float]) -> TrainingDivergedError:
-    terms = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "lr")
-    return TrainingDivergedError(
-        f"a loss became non-finite at step {step} ({terms}); training stopped and the last good checkpoint "
-        "is kept — the official WGAN critic is known to diverge: try --adversarial hinge, a lower --lambda-d "
-        "or --critic-optimizer adam, then --resume"
-    )
+def _targets_probe(targets: Targets) -> Tensor | None:
+    """0 when every teacher target is finite, NaN otherwise (one value for the watch; no sync)."""
+    parts = [t for t in (targets.logits, targets.nodes) if t is not None]
+    if not parts:
+        return None
+    ok = torch.stack([torch.isfinite(t).all() for t in parts]).all()
+    return torch.where(ok, 0.0, math.nan)
+
+
+def _floats(metrics: dict[str, Tensor | float]) -> dict[str, float]:
+    """Metrics as Python floats, with one device->host transfer for all tensors."""
+    keys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    values = torch.stack([metrics[k].float() for k in keys]).tolist() if keys else []
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)}
+    out.update(zip(keys, values, strict=True))
+    return {k: out[k] for k in metrics}
+
+
+# ------------------------------------------------------------------------------------------------
+# the non-finite stop: which term, its likely cause, and what was kept
+
+
+def _blame(s: Setup, term: str | None, bad_tensor: str | None) -> tuple[str, str]:
+    """(what went non-finite, its likely cause and fix) for the first bad term or tensor."""
+    cfg = s.config
+    if term == "targets":
+        if cfg.cache:
+            return "the teacher targets", (
+                f"the cache {cfg.cache} holds NaN/inf targets: check it with `skdcache verify` and rebuild it"
+            )
+        return "the teacher targets", f"the online teacher {cfg.teacher} outputs NaN/inf: check --weights"
+    if term == "task" or (term is None and bad_tensor and not bad_tensor.startswith("critic")):
+        what = "the task loss" if term else f"the student's parameters after the update ({bad_tensor})"
+        return what, f"the learning rate is too high (--lr {cfg.lr:g}): lower it"
+    if term in ("pixel", "pair"):
+        flag = "--lambda-pi" if term == "pixel" else "--lambda-pa"
+        return f"the {term}-wise term", f"its weight or the learning rate is too high: lower {flag} or --lr {cfg.lr:g}"
+    what = "the holistic (critic) term" if term else f"the critic's state ({bad_tensor})"
+    fixes = ["--adversarial hinge"] if cfg.adversarial == "wgan-gp" else []
+    fixes += [f"a lower --critic-lr (now {cfg.critic_lr:g})", "a lower --lambda-d"]
+    fixes += ["--critic-optimizer adam"] if cfg.critic_optimizer == "sgd" else []
+    return what, f"the {cfg.adversarial} critic blew up: try {', '.join(fixes[:-1])} or {fixes[-1]}"
+
+
+def _diverged(s: Setup, first: dict[str, int], bad: str | None, done: int, kept: str) -> TrainingDivergedError:
+    """The one-line stop; ``first`` from the watch, ``bad`` a non-finite state tensor found at step ``done``."""
+    term = min(first, key=lambda k: (first[k], WATCHED.index(k))) if first else None
+    what, cause = _blame(s, term, bad)
+    at = f" at step {first[term]}" if term else f" by step {done}"
+    return TrainingDivergedError(f"training stopped: {what} became non-finite{at}; likely cause: {cause}; {kept}")
+
+
+def _nonfinite_state(s: Setup) -> str | None:
+    """The first student/critic parameter or optimiser state holding NaN/inf, by its checkpoint key."""
+    parts = {"model": s.module.state_dict(), "optimizer": s.optimizer.state_dict()}
+    if s.holistic is not None:
+        parts["critic"] = s.holistic.critic.state_dict()
+        parts["critic_optimizer"] = s.critic_optimizer.state_dict()
+    return first_nonfinite(parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,8 +456,103 @@ def _prepare_out(cfg: TrainConfig, env: DistEnv) -> Path:
     return check_out_dir(cfg) if env.rank == 0 else Path(cfg.out)
 
 
+def check_eval_split(cfg: TrainConfig) -> str | None:
+    """The split to evaluate on (None for ``--eval-split none``), refused up front when unusable.
+
+    The dataset's own split listing decides (folder layouts name their splits freely), so a typo
+    fails before training rather than silently skipping every evaluation.
+
+    Raises:
+        ConfigError: the split does not exist (the message lists those that do) or has unlabelled images.
+    """
+    split = cfg.eval_split.strip()
+    if split.lower() == "none":
+        return None
+    try:
+        ds = open_dataset(cfg.data, splits=(split,))
+    except DatasetError as exc:
+        raise ConfigError(f"--eval-split {split}: {exc} (or --eval-split none to skip evaluation)") from None
+    unlabelled = sum(r.label_path is None for r in ds.records)
+    if unlabelled:
+        raise ConfigError(
+            f"--eval-split {split}: {unlabelled} of its {len(ds)} images have no label; evaluate on a labelled "
+            "split or pass --eval-split none"
+        )
+    return split
+
+
+@contextlib.contextmanager
+def _determinism(enabled: bool):
+    """torch's deterministic algorithms and cuDNN settings for the run; the previous ones restored after."""
+    if not enabled:
+        yield
+        return
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    # cuBLAS reads this when its handle is created; without it deterministic matmuls raise
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    except RuntimeError as exc:
+        if "deterministic" not in str(exc):
+            raise
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"deterministic training is not possible here ({first}); pass --no-deterministic for torch's "
+            "fastest (nondeterministic) kernels"
+        ) from None
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+def _models(cfg: TrainConfig, env: DistEnv, device: torch.device, num_classes: int):
+    """(model, module, optimizer, scaler): the student (DDP-wrapped when distributed) and its SGD."""
+    module = create_student(cfg.student, num_classes=num_classes, pretrained=cfg.pretrained).to(device)
+    if cfg.sync_bn and env.world > 1:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    model = module
+    if env.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and cfg.amp) else None
+    return model, module, optimizer, scaler
+
+
+def _critic(cfg: TrainConfig, env: DistEnv, device: torch.device, num_classes: int, grid: tuple[int, int]):
+    """(holistic loss, critic optimizer); every rank starts from rank 0's critic."""
+    critic = Critic(num_classes, input_size=grid, image_channels=3 if cfg.critic_image else 0).to(device)
+    holistic = HolisticLoss(critic, cfg.adversarial, cfg.lambda_gp).to(device)
+    if cfg.critic_optimizer == "sgd":
+        opt = torch.optim.SGD(
+            critic.parameters(), lr=cfg.critic_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    else:
+        opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.99))
+    if env.world > 1:
+        for p in critic.state_dict().values():
+            torch.distributed.broadcast(p, 0)
+    return holistic, opt
+
+
+def _refuse_nonfinite(model: nn.Module, source: str) -> None:
+    """Weights that hold NaN/inf before training would only be blamed on the training later."""
+    bad = first_nonfinite(model.state_dict())
+    if bad is not None:
+        raise WeightsError(f"{source}: tensor {bad} holds NaN/inf values; use a checkpoint of finite weights")
+
+
 def _setup(cfg: TrainConfig, env: DistEnv) -> Setup:
     device = env.device if env.world > 1 else pick_device(cfg.device)
+    eval_split = check_eval_split(cfg)
     out = _prepare_out(cfg, env)
     torch.manual_seed(cfg.seed)
 
@@ -362,15 +573,8 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Setup:
         cache_dir=cfg.cache_dir,
     )
     num_classes = data.dataset.num_classes
-    model = create_student(cfg.student, num_classes=num_classes, pretrained=cfg.pretrained).to(device)
-    if cfg.sync_bn and env.world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    module = model
-    if env.world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and cfg.amp) else None
-
+    model, module, optimizer, scaler = _models(cfg, env, device, num_classes)
+    _refuse_nonfinite(module, f"--pretrained {cfg.pretrained}")
     teacher = None
     if cfg.teacher and want:
         teacher = create_teacher(
@@ -380,23 +584,27 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Setup:
             random_weights=cfg.teacher_random_weights,
             device=str(device),
         ).model
-    pixel = PixelWiseLoss(cfg.pixel_mode, cfg.temperature) if "pixel" in want else None
+        _refuse_nonfinite(teacher, f"--weights {cfg.weights}")
     holistic = critic_optimizer = None
     if "holistic" in want:
-        grid = data.teacher_grid
-        critic = Critic(num_classes, input_size=grid, image_channels=3 if cfg.critic_image else 0).to(device)
-        holistic = HolisticLoss(critic, cfg.adversarial, cfg.lambda_gp).to(device)
-        if cfg.critic_optimizer == "sgd":
-            critic_optimizer = torch.optim.SGD(
-                critic.parameters(), lr=cfg.critic_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-            )
-        else:
-            critic_optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.99))
-        if env.world > 1:  # every rank starts from rank 0's critic
-            for p in critic.state_dict().values():
-                torch.distributed.broadcast(p, 0)
+        holistic, critic_optimizer = _critic(cfg, env, device, num_classes, data.teacher_grid)
     return Setup(
-        cfg, env, device, model, module, optimizer, scaler, data, pixel, pair, holistic, critic_optimizer, teacher, out
+        config=cfg,
+        env=env,
+        device=device,
+        model=model,
+        module=module,
+        optimizer=optimizer,
+        scaler=scaler,
+        data=data,
+        pixel=PixelWiseLoss(cfg.pixel_mode, cfg.temperature) if "pixel" in want else None,
+        pair=pair,
+        holistic=holistic,
+        critic_optimizer=critic_optimizer,
+        teacher=teacher,
+        out=out,
+        eval_split=eval_split,
+        watch=FiniteWatch(device),
     )
 
 
@@ -431,8 +639,8 @@ def _checkpoint_path(out: Path, name: str = "last.pt") -> Path:
     return out / "checkpoints" / name
 
 
-def _save_checkpoint(s: Setup, step: int, metrics: dict, name: str = "last.pt") -> Path:
-    state = {
+def _state(s: Setup, step: int, metrics: dict[str, float], best: float) -> dict:
+    return {
         "step": step,
         "model_name": s.config.student,
         "num_classes": s.data.dataset.num_classes,
@@ -445,12 +653,15 @@ def _save_checkpoint(s: Setup, step: int, metrics: dict, name: str = "last.pt") 
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "config": json.dumps(s.config.to_dict()),
         "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        # the best evaluation so far: a resumed run keeps best.pt unless it really does better
+        "best_miou": float(best),
     }
-    return save_checkpoint(state, _checkpoint_path(s.out, name))
 
 
-def _restore(s: Setup) -> int:
-    state = load_checkpoint(_checkpoint_path(s.out))
+def _restore(s: Setup) -> tuple[int, float]:
+    """Load last.pt into the setup; returns (step, best mIoU so far, -1 when none)."""
+    path = _checkpoint_path(s.out)
+    state = load_checkpoint(path)
     old = json.loads(state["config"])
     for key in ("student", "cache", "teacher", "losses", "batch_size", "crop", "data"):
         now = s.config.to_dict()[key]
@@ -461,6 +672,12 @@ def _restore(s: Setup) -> int:
             raise ConfigError(f"--resume: the run was started with {key}={before!r}, not {now!r}")
     if state["model_name"] != s.config.student or state["num_classes"] != s.data.dataset.num_classes:
         raise WeightsError("--resume: the checkpoint belongs to another model or class count")
+    bad = first_nonfinite({k: state.get(k) for k in ("model", "optimizer", "critic", "critic_optimizer")})
+    if bad is not None:
+        raise WeightsError(
+            f"--resume: {path} holds NaN/inf values ({bad}); resuming would diverge again: start a new run "
+            "(an skd that checks before saving never writes such a checkpoint)"
+        )
     s.module.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     if s.holistic is not None and state.get("critic") is not None:
@@ -471,7 +688,29 @@ def _restore(s: Setup) -> int:
     torch.set_rng_state(state["rng_torch"])
     if state.get("rng_cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return int(state["step"])
+    return int(state["step"]), float(state.get("best_miou", -1.0))
+
+
+@contextlib.contextmanager
+def _writing(path: Path, out: Path):
+    """Turn a failed write of ``path`` (full disk, permissions) into one line; remove its temporary file."""
+    try:
+        yield
+    except OSError as exc:
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason, fix = ("the disk is full", "free space") if full else (exc.strerror or str(exc), "fix that")
+        last = _checkpoint_path(out)
+        then = f"{last} is kept: {fix} and --resume" if last.exists() else f"{fix} and run again"
+        raise CacheWriteError(f"cannot write {path}: {reason}; {then}") from None
+
+
+def _save_weights(s: Setup) -> Path:
+    """model.safetensors (written only after last.pt, which holds the same weights)."""
+    path = s.out / "model.safetensors"
+    meta = {"model_name": s.config.student, "num_classes": s.data.dataset.num_classes, "steps": s.config.iters}
+    with _writing(path, s.out):
+        return save_weights(s.module, path, meta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -483,7 +722,9 @@ class _Log:
 
     def __init__(self, out: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
-        self.file = open(out / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 - closed in close()
+        self.path = out / "metrics.jsonl"
+        with _writing(self.path, out):
+            self.file = open(self.path, "a") if enabled else None  # noqa: SIM115 - closed in close()
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -496,8 +737,9 @@ class _Log:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with _writing(self.path, self.path.parent):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -505,35 +747,24 @@ class _Log:
 
     def close(self) -> None:
         if self.file:
-            self.file.close()
+            # every record was flushed when written; a failure here repeats one already reported
+            with contextlib.suppress(OSError):
+                self.file.close()
         if self.tb is not None:
             self.tb.close()
 
 
 def _evaluate(s: Setup, step: int) -> dict | None:
-    if s.config.eval_split not in _available_splits(s.config.data):
+    if s.eval_split is None:
         return None
     from .evaluate import evaluate_model
 
     s.module.eval()
     try:
-        result = evaluate_model(
-            s.module, s.config.data, split=s.config.eval_split, mode=s.config.eval_mode, device=s.device
-        )
+        result = evaluate_model(s.module, s.config.data, split=s.eval_split, mode=s.config.eval_mode, device=s.device)
     finally:
         s.module.train()
     return {"step": step, "miou": result.miou, "pixel_accuracy": result.pixel_accuracy, "per_class": result.per_class}
-
-
-def _available_splits(root: str) -> set[str]:
-    from cache_tools.datasets import open_dataset
-
-    found = set()
-    for split in ("train", "val", "test"):
-        with contextlib.suppress(SkdError):
-            open_dataset(root, splits=(split,))
-            found.add(split)
-    return found
 
 
 # ------------------------------------------------------------------------------------------------
@@ -547,88 +778,163 @@ def _replicated(s: Setup) -> dict[str, nn.Module]:
     return out
 
 
+def _best_so_far(s: Setup, best: float) -> float:
+    """The best mIoU of a resumed run: last.pt's, or best.pt's when that was written after last.pt."""
+    path = _checkpoint_path(s.out, "best.pt")
+    if path.exists():
+        best = max(best, float(load_checkpoint(path).get("best_miou", -1.0)))
+    return best
+
+
+class _Run:
+    """The loop's bookkeeping: logging, evaluation, the best and last checkpoints, the non-finite stop.
+
+    Every method is called on every rank; the rank guards are inside, once each.
+    """
+
+    def __init__(self, s: Setup, progress, start: int, best: float):
+        self.s, self.progress = s, progress
+        self.rank0 = s.env.rank == 0
+        self.log = _Log(s.out, self.rank0, s.config.tensorboard)
+        self.best = best
+        self.kept_step = start if s.config.resume else None  # the step of the last.pt on disk
+        self.metrics: dict[str, float] = {}
+        self.eval_result: dict | None = None
+        self.t0 = time.perf_counter()
+        self.aside = 0.0  # seconds spent evaluating and saving, not training
+
+    def check(self, done: int, full: bool = False) -> None:
+        """Stop if anything went NaN/inf (one sync); ``full`` also checks every parameter and optimiser state."""
+        first = self.s.watch.first_bad(self.s.env)
+        bad = _nonfinite_state(self.s) if full and not first else None
+        if first or bad:
+            raise _diverged(self.s, first, bad, done, self._kept())
+
+    def _kept(self) -> str:
+        if self.kept_step is None:
+            return "no checkpoint was saved before it, so there is nothing to resume from"
+        path = _checkpoint_path(self.s.out)
+        return f"the last good checkpoint {path} (step {self.kept_step}) is kept: fix the cause and --resume"
+
+    def after_step(self, done: int, metrics: dict[str, Tensor | float]) -> None:
+        """Log, evaluate and checkpoint when they are due (the final step is :meth:`finish`'s)."""
+        cfg = self.s.config
+        if done == cfg.iters:
+            return  # the final step is logged by finish(), once its checkpoint is safe
+        if done % cfg.log_every == 0:
+            self.write_log(done, metrics)
+        eval_due = bool(cfg.eval_every) and done % cfg.eval_every == 0
+        ckpt_every = cfg.ckpt_every or cfg.eval_every
+        ckpt_due = bool(ckpt_every) and done % ckpt_every == 0
+        if eval_due or ckpt_due:
+            self.check(done, full=True)
+        if eval_due:
+            self.evaluate(done, metrics)
+        if ckpt_due:
+            self.save_last(done, metrics)
+
+    def write_log(self, done: int, metrics: dict[str, Tensor | float]) -> None:
+        self.check(done)  # never log (or report progress on) numbers of a run that already diverged
+        self.metrics = _floats(metrics)
+        self.log.write({"step": done, **self.metrics, "seconds": round(time.perf_counter() - self.t0, 3)})
+        if self.progress is not None and self.rank0:
+            self.progress(done, self.s.config.iters, self.metrics)
+
+    def evaluate(self, done: int, metrics: dict[str, Tensor | float]) -> None:
+        if not self.rank0:
+            return
+        t = time.perf_counter()
+        self._evaluate(done, metrics)
+        self.aside += time.perf_counter() - t
+
+    def _evaluate(self, done: int, metrics: dict[str, Tensor | float]) -> None:
+        self.eval_result = _evaluate(self.s, done)
+        if self.eval_result is None:
+            return
+        self.log.write({"step": done, "eval_miou": self.eval_result["miou"]})
+        if self.eval_result["miou"] > self.best:
+            self.best = self.eval_result["miou"]
+            save_checkpoint(_state(self.s, done, _floats(metrics), self.best), _checkpoint_path(self.s.out, "best.pt"))
+
+    def save_last(self, done: int, metrics: dict[str, Tensor | float]) -> Path:
+        t = time.perf_counter()
+        check_in_sync(_replicated(self.s), self.s.env)
+        path = _checkpoint_path(self.s.out)
+        if self.rank0:
+            save_checkpoint(_state(self.s, done, _floats(metrics), self.best), path)
+        self.s.env.barrier()
+        self.kept_step = done
+        self.aside += time.perf_counter() - t
+        return path
+
+    def finish(self, metrics: dict[str, Tensor | float]) -> tuple[str, str]:
+        """The final checkpoint, model file and evaluation; returns (checkpoint, weights) paths (rank 0)."""
+        iters = self.s.config.iters
+        self.check(iters, full=True)
+        checkpoint = str(self.save_last(iters, metrics))
+        weights = ""
+        if self.rank0:
+            weights = str(_save_weights(self.s))
+        if metrics:
+            self.write_log(iters, metrics)
+        if self.rank0:
+            self.eval_result = _evaluate(self.s, iters)
+            if self.eval_result is not None:
+                self.log.write({"step": iters, "eval_miou": self.eval_result["miou"], "final": True})
+                with _writing(self.s.out / "eval.json", self.s.out):
+                    (self.s.out / "eval.json").write_text(json.dumps(self.eval_result, indent=2))
+        self.s.env.barrier()
+        return (checkpoint if self.rank0 else ""), weights
+
+
 def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train a student; returns the final metrics, evaluation and output paths.
 
     Args:
         progress: called with ``(step, iters, metrics)`` every ``log_every`` steps (rank 0).
+
+    Raises:
+        TrainingDivergedError: a loss, the teacher targets or the weights went NaN/inf; nothing
+            non-finite was saved, and the message names the term, its likely cause and the checkpoint kept.
     """
     env = dist_env()
     init_distributed(env)
     try:
-        return _train(config, env, progress)
+        with _determinism(config.deterministic):
+            return _train(config, env, progress)
     finally:
         shutdown_distributed(env)
 
 
 def _train(cfg: TrainConfig, env: DistEnv, progress) -> TrainResult:
     s = _setup(cfg, env)
-    if env.rank == 0:
-        (s.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    start = _restore(s) if cfg.resume else 0
-    log = _Log(s.out, env.rank == 0, cfg.tensorboard)
+    start, best = _restore(s) if cfg.resume else (0, -1.0)
+    if env.rank == 0:  # after the checks, so a refused --resume leaves the run as it was
+        with _writing(s.out / "config.json", s.out):
+            (s.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     loader = _loader(s, start)
     batches = iter(loader)
-    eval_every = cfg.eval_every
-    ckpt_every = cfg.ckpt_every or eval_every
-    metrics: dict[str, float] = {}
-    eval_result = None
-    best = -1.0
-    t0 = time.perf_counter()
-    step_time = 0.0
-    steps_run = 0
+    run = _Run(s, progress, start, _best_so_far(s, best) if cfg.resume else best)
+    metrics: dict[str, Tensor | float] = {}
     try:
         for step in range(start, cfg.iters):
             batch = raise_worker_error(next(batches)).to(s.device)
-            ts = time.perf_counter()
             metrics = train_step(s, batch, step)
-            step_time += time.perf_counter() - ts
-            steps_run += 1
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.iters:
-                record = {"step": done, **metrics, "seconds": round(time.perf_counter() - t0, 3)}
-                log.write(record)
-                if progress is not None and env.rank == 0:
-                    progress(done, cfg.iters, metrics)
-            if eval_every and done % eval_every == 0 and done != cfg.iters and env.rank == 0:
-                eval_result = _evaluate(s, done)
-                if eval_result is not None:
-                    log.write({"step": done, "eval_miou": eval_result["miou"]})
-                    if eval_result["miou"] > best:
-                        best = eval_result["miou"]
-                        _save_checkpoint(s, done, metrics, "best.pt")
-            if ckpt_every and done % ckpt_every == 0 and done != cfg.iters:
-                check_in_sync(_replicated(s), env)
-                if env.rank == 0:
-                    _save_checkpoint(s, done, metrics)
-                env.barrier()
-        seconds = time.perf_counter() - t0
-        checkpoint = weights = ""
-        check_in_sync(_replicated(s), env)
-        if env.rank == 0:
-            checkpoint = str(_save_checkpoint(s, cfg.iters, metrics))
-            weights = str(
-                save_weights(
-                    s.module,
-                    s.out / "model.safetensors",
-                    {"model_name": cfg.student, "num_classes": s.data.dataset.num_classes, "steps": cfg.iters},
-                )
-            )
-            eval_result = _evaluate(s, cfg.iters)
-            if eval_result is not None:
-                log.write({"step": cfg.iters, "eval_miou": eval_result["miou"], "final": True})
-                (s.out / "eval.json").write_text(json.dumps(eval_result, indent=2))
-        env.barrier()
+            run.after_step(step + 1, metrics)
+        run.check(cfg.iters)  # syncs: the device has finished every queued step
+        seconds = time.perf_counter() - run.t0
+        checkpoint, weights = run.finish(metrics)
     finally:
-        log.close()
+        run.log.close()
         del batches, loader
     return TrainResult(
         out=str(s.out),
         steps=cfg.iters,
         seconds=seconds,
-        step_seconds=step_time / max(1, steps_run),
-        last=metrics,
-        eval=eval_result,
+        # steps run without a per-step sync, so a step is timed as its share of the loop's wall time
+        step_seconds=(seconds - run.aside) / max(1, cfg.iters - start),
+        last=run.metrics,
+        eval=run.eval_result,
         checkpoint=checkpoint,
         weights=weights,
     )

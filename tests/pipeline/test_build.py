@@ -14,10 +14,13 @@ from cache_tools.codecs import LogitCodec
 from cache_tools.datasets import open_dataset
 from cache_tools.errors import ConfigError, ConfigMismatchError, DatasetError, ModelError
 from cache_tools.fidelity import compose_nodes, official_kernel
-from pipeline.build import BuildConfig, build_cache
+from pipeline import build as build_module
+from pipeline.build import BuildConfig, NonFiniteTeacherError, build_cache, build_shards, prepare_build
 from pipeline.inference import pool_cells
 from pipeline.teachers import create_teacher
 from pipeline.views import apply_view
+from tests.catalogue import bad_teachers
+from tests.catalogue.conftest import snapshot
 
 
 def _config(sample_root, out, **kw) -> BuildConfig:
@@ -176,7 +179,7 @@ def test_build_to_an_fsspec_url(sample_root):
     [
         (dict(random_weights=False), ModelError, "needs --weights PATH; random targets are useless"),
         (dict(teacher="nope"), ModelError, "unknown model 'nope'"),
-        (dict(mode="sparse"), ConfigError, "--mode must be dense or views"),
+        (dict(mode="sparse"), ConfigError, "--mode must be one of dense, views"),
         (dict(inference="slide"), ConfigError, "needs --tile"),
         (dict(splits=("tset",)), DatasetError, "split"),
     ],
@@ -209,3 +212,96 @@ def test_bad_images_and_labels(sample_root, tmp_path):
     shutil.copy(images[0], images[1])  # restore an image so only the label is wrong
     with pytest.raises(DatasetError, match="not in the Cityscapes label table"):
         build_cache(_config(root, tmp_path / "z.zarr"))
+
+
+def test_a_rerun_on_a_complete_cache_changes_nothing(sample_root, tmp_path):
+    out = tmp_path / "c.zarr"
+    build_cache(_config(sample_root, out))
+    before = snapshot(out)
+    for overwrite in (False, True):  # the same configuration is never "replaced"
+        again = build_cache(_config(sample_root, out, overwrite=overwrite))
+        assert again.already_complete and again.resumed
+        assert again.entries_written == 0 and again.teacher_seconds == 0 and again.bytes_encoded == 0
+        assert again.schema == open_cache(str(out)).schema
+        assert snapshot(out) == before  # provenance, root document, every chunk: byte for byte
+
+
+def test_resuming_a_pca_build_keeps_its_basis_and_does_not_refit(sample_root, tmp_path, monkeypatch):
+    kw = dict(features_codec="pca4", features_block=(2, 2), pca_samples=2)
+    cfg = _config(sample_root, tmp_path / "p.zarr", **kw)
+    plan, writer, resumed = prepare_build(cfg)
+    assert not resumed
+    build_shards(plan, writer, [0])  # then "killed": shards 1 and 2 are not done
+    basis = writer.group["features/pca_basis"][...].copy()
+
+    def refit(*args, **kwargs):
+        raise AssertionError("a resumed pca build fitted its basis again")
+
+    with monkeypatch.context() as m:
+        m.setattr(build_module, "_fit_pca", refit)
+        result = build_cache(cfg)
+    assert result.resumed and result.entries_written == 4
+    resumed_store = open_cache(str(tmp_path / "p.zarr"))
+    np.testing.assert_array_equal(resumed_store.array("features/pca_basis")[...], basis)
+    build_cache(_config(sample_root, tmp_path / "whole.zarr", **kw))
+    whole = open_cache(str(tmp_path / "whole.zarr"))
+    np.testing.assert_array_equal(whole.checksums(), resumed_store.checksums())
+
+
+def _brightest_image(root) -> tuple[int, float]:
+    """(index, threshold): the image with the highest mean pixel value, and a value only it exceeds."""
+    ds = open_dataset(root)
+    means = np.array([ds.load(i)[0].astype(np.float64).mean() for i in range(len(ds))])
+    order = np.argsort(means)
+    return int(order[-1]), float(means[order[-2]] + means[order[-1]]) / 2
+
+
+@pytest.mark.parametrize("factory, what", [("nan_logits", "logits"), ("inf_features", "features")])
+def test_non_finite_teacher_outputs_are_never_stored(sample_root, tmp_path, monkeypatch, factory, what):
+    victim, threshold = _brightest_image(sample_root)
+    monkeypatch.setattr(bad_teachers, "POISON_ABOVE", threshold)
+    out = tmp_path / "n.zarr"
+    cfg = _config(sample_root, out, teacher=f"tests.catalogue.bad_teachers:{factory}", shard_images=1)
+    image_id = open_dataset(sample_root).ids[victim]
+    with pytest.raises(NonFiniteTeacherError, match=f"teacher's {what} for image {image_id} hold NaN or infinite"):
+        build_cache(cfg)
+    r = open_cache(str(out), allow_incomplete=True)
+    assert r.schema.status == "building"
+    # the images before it are stored, it and the ones after are not
+    assert r.done[:victim].all() and not r.done[victim:].any()
+
+
+def test_non_finite_features_stop_a_pca_fit_before_the_store_exists(sample_root, tmp_path):
+    out = tmp_path / "p.zarr"
+    cfg = _config(
+        sample_root, out, teacher="tests.catalogue.bad_teachers:nan_features", features_codec="pca4", pca_samples=2
+    )
+    with pytest.raises(NonFiniteTeacherError, match="try --no-amp"):
+        build_cache(cfg)
+    assert not out.exists()
+
+
+def test_out_holding_the_dataset_is_refused_even_with_overwrite(sample_root, tmp_path):
+    before = snapshot(sample_root)
+    with pytest.raises(ConfigError, match="holds the dataset"):
+        build_cache(_config(sample_root, sample_root.parent, overwrite=True))
+    assert snapshot(sample_root) == before
+
+
+def test_a_creation_cut_short_is_cleared_and_created_again(sample_root, tmp_path, monkeypatch):
+    import cache_tools.store as store_module
+
+    out = tmp_path / "c.zarr"
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while laying the store out")
+
+    with monkeypatch.context() as m:
+        m.setattr(store_module, "_encode_ids", killed)  # after every array exists, before the schema
+        with pytest.raises(RuntimeError, match="killed"):
+            build_cache(_config(sample_root, out))
+    attrs = zarr.open_group(str(out), mode="r").attrs.asdict()
+    assert store_module.CREATION_ATTR in attrs and store_module.ROOT_ATTR not in attrs
+    result = build_cache(_config(sample_root, out))  # skd's own leftovers: no --overwrite needed
+    assert not result.resumed and result.schema.status == "complete"
+    assert store_module.CREATION_ATTR not in zarr.open_group(str(out), mode="r").attrs.asdict()
