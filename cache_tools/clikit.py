@@ -382,6 +382,10 @@ def progress_bar(description: str, total: int | None, unit: str = "items") -> It
 
     try:
         yield update
+    except BaseException:
+        if started:  # an error line follows: take the bar off stderr so that line stands alone
+            prog.live.transient = True
+        raise
     finally:
         if started:
             prog.stop()

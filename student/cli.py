@@ -122,8 +122,12 @@ def train(
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Local read-through cache for a remote --cache.")] = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to TensorBoard (if installed).")] = False,
-    no_deterministic: Annotated[
-        bool, typer.Option("--no-deterministic", help="Allow nondeterministic (faster) kernels.")
+    deterministic: Annotated[
+        bool,
+        typer.Option(
+            "--deterministic",
+            help="Only deterministic kernels (slower; on CUDA some PSPNet backward ops have none and stop the run).",
+        ),
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:

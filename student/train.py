@@ -119,7 +119,8 @@ class TrainConfig:
     storage_options: dict = option(default_factory=dict, flag="--storage-option")  # noqa: RUF009 (a field specifier)
     cache_dir: str | None = None
     tensorboard: bool = False
-    deterministic: bool = option(True, flag="--no-deterministic")
+    # opt-in: on CUDA, bilinear and adaptive-pool backward have no deterministic kernel in torch
+    deterministic: bool = option(False, flag="--deterministic")
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -504,7 +505,7 @@ def _determinism(enabled: bool):
             raise
         first = str(exc).strip().splitlines()[0]
         raise ConfigError(
-            f"deterministic training is not possible here ({first}); pass --no-deterministic for torch's "
+            f"deterministic training is not possible here ({first}); drop --deterministic for torch's "
             "fastest (nondeterministic) kernels"
         ) from None
     finally:
