@@ -253,8 +253,28 @@ def config_from_flags(cls: type, values: dict[str, Any], convert: dict[str, Call
             value = not value
         elif isinstance(value, os.PathLike):
             value = str(value)
+        choices = f.metadata.get("skd", {}).get("choices")
+        if choices and value not in choices:  # a bad choice is a usage error, shown as click shows one
+            _usage_error(f"Invalid value for '{flag}': {value!r}; {flag} must be one of {', '.join(choices)}.")
         kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def _usage_error(message: str) -> None:
+    """Raise click's UsageError in the running command's context (usage line + ``Error:``, exit 2).
+
+    Outside a click command (a library call) the same message is a :class:`ConfigError`.
+    """
+    for name in ("typer._click", "click"):  # typer >= 0.20 vendors click as typer._click
+        try:
+            where = importlib.import_module(f"{name}.globals")
+            exceptions = importlib.import_module(f"{name}.exceptions")
+        except ImportError:
+            continue
+        ctx = where.get_current_context(silent=True)
+        if ctx is not None:
+            raise exceptions.UsageError(message, ctx=ctx)
+    raise ConfigError(message)
 
 
 def names(value: str, flag: str) -> tuple[str, ...]:

@@ -25,3 +25,21 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     flat = err.replace("\n", " ")
     for f in fragments:
         assert f in flat, err
+
+
+def assert_usage_error(code: int, err: str, *fragments: str) -> None:
+    """Exit code 2 and click's short usage block (``Usage:``, ``Try ...``, ``Error: ...``), no traceback."""
+    assert code == 2, err
+    assert err.lstrip().startswith("Usage:") and "\nError: " in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if line.strip()]) <= 4, err
+    flat = err.replace("\n", " ")
+    for f in fragments:
+        assert f in flat, err
+
+
+def assert_refused(code: int, err: str, *fragments: str) -> None:
+    """A bad value: a bad choice is a usage error (exit 2), any other a one-line error (exit 1)."""
+    if code == 2:
+        assert_usage_error(code, err, *fragments)
+    else:
+        assert_one_line_error(code, err, *fragments)

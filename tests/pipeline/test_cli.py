@@ -11,7 +11,7 @@ import torch
 from cache_tools import open_cache
 from pipeline.cli import main
 from pipeline.teachers import create_model, save_weights
-from tests.cli import assert_one_line_error, run_cli
+from tests.cli import assert_one_line_error, assert_refused, run_cli
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -61,7 +61,7 @@ def test_build_with_own_weights_and_json(sample_root, tmp_path, capsys):
 def test_build_bad_options(sample_root, tmp_path, capsys, extra, fragments):
     out = tmp_path / "c.zarr"
     code, _, err = run(["build", "--data", str(sample_root), "--out", str(out), *extra], capsys)
-    assert_one_line_error(code, err, *fragments)
+    assert_refused(code, err, *fragments)
     assert not out.exists()
 
 
@@ -216,7 +216,7 @@ def test_every_build_option_is_checked(sample_root, tmp_path, capsys, extra, fra
     out = tmp_path / "c.zarr"
     args = ["build", "--teacher", "psp_tiny", "--random-weights", "--data", str(sample_root), "--out", str(out)]
     code, _, err = run([*args, "--loader-workers", "0", *extra], capsys)
-    assert_one_line_error(code, err, *fragments)
+    assert_refused(code, err, *fragments)
     assert not out.exists()
 
 

@@ -9,7 +9,7 @@ import pytest
 from pipeline.build import BuildConfig, build_cache
 from pipeline.teachers import create_model, save_weights
 from student.cli import main
-from tests.cli import assert_one_line_error, run_cli
+from tests.cli import assert_one_line_error, assert_refused, run_cli
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -136,7 +136,7 @@ _BAD_TRAIN_VALUES = [
 def test_every_train_option_is_checked(sample_root, tmp_path, capsys, extra, fragments):
     out = tmp_path / "run"
     code, _, err = run([*_train(sample_root, out, "--losses", "none"), *extra], capsys)
-    assert_one_line_error(code, err, *fragments)
+    assert_refused(code, err, *fragments)
     assert not out.exists()
 
 
