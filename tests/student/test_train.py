@@ -143,7 +143,14 @@ def test_imagenet_init_and_a_trained_student_as_teacher(sample_root, tmp_path):
     for weights in (run.checkpoint, run.weights):
         out = tmp_path / f"from-{weights.rsplit('/', 1)[-1]}.zarr"
         build_cache(
-            BuildConfig(teacher="psp_tiny", weights=weights, data=str(sample_root), out=str(out), loader_workers=0)
+            BuildConfig(
+                teacher="psp_tiny",
+                weights=weights,
+                data=str(sample_root),
+                out=str(out),
+                loader_workers=0,
+                teacher_check=False,  # one iteration of training is near chance by design
+            )
         )
         assert open_cache(str(out)).schema.teacher.weights_sha256
     torch.save(
