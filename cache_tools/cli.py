@@ -111,9 +111,24 @@ def info(
         f"{t['feature_channels']} feature channels, weights sha256 {weights}"
     )
     console.print(
-        f"  input {norm.get('order', '?')}, mean {[round(x, 3) for x in norm.get('mean', [])]}, "
-        f"std {[round(x, 3) for x in norm.get('std', [])]} (0–255 units)"
+        f"  family {t.get('family', 'skd')}: input {norm.get('order', '?')}, mean "
+        f"{[round(x, 3) for x in norm.get('mean', [])]}, std {[round(x, 3) for x in norm.get('std', [])]} (0–255 units); "
+        f"{t.get('grid', '8k+1')} grid, align_corners={t.get('align_corners', True)}, "
+        f"its ignore label {t.get('ignore_index', 255)}",
+        markup=False,
+        highlight=False,
     )
+    if d["build"].get("recognised"):
+        console.print(f"  recognised from its weights: {d['build']['recognised']}", markup=False, highlight=False)
+    tc = d.get("teacher_check")
+    if isinstance(tc, dict):
+        console.print(
+            f"teacher check: mIoU {100 * (tc.get('miou') or 0.0):.1f}%, pixel accuracy "
+            f"{100 * (tc.get('pixel_accuracy') or 0.0):.1f}% on {tc.get('images')} labelled images of "
+            f"{tc.get('split', '?')} (chance {100 * (tc.get('chance_miou') or 0.0):.1f}%): {tc.get('verdict')}"
+        )
+    elif not t.get("random_weights"):
+        console.print("teacher check: not run (--no-teacher-check, or a store built before the check existed)")
     names = ", ".join(ds["class_names"][:8]) + (", …" if len(ds["class_names"]) > 8 else "")
     console.print(
         f"dataset [bold]{ds['name']}[/], split(s) {', '.join(ds['splits'])}: {ds['num_images']} images, "
@@ -163,6 +178,7 @@ def info(
     else:
         console.print("fidelity: not measured")
     b = d["build"]
+    console.print(_precision_line(b))
     secs = b.get("seconds")
     took = f"{secs:.1f} s" if isinstance(secs, (int, float)) else "?"
     console.print(
@@ -172,6 +188,20 @@ def info(
     derived = b.get("derived_from")
     if isinstance(derived, dict):
         console.print(f"derived: {derived.get('operation')} of {derived.get('source') or derived.get('sources')}")
+
+
+def _precision_line(b: dict) -> str:
+    """The teacher's precision and, for anything but fp32, its measured error against fp32."""
+    err = b.get("precision_error") or {}
+    line = f"teacher precision {b.get('precision', 'unrecorded')}"
+    if err.get("exact"):
+        return line + " (exact: the reference)"
+    if "kl_t1_mean" in err:
+        line += (
+            f"; vs fp32: KL T=1 mean {err['kl_t1_mean']:.2e}, argmax {100 * err.get('argmax_agreement', 0.0):.3f}%, "
+            f"max |Δlogit| {err.get('max_abs_logit_diff', float('nan')):.3g}"
+        )
+    return line
 
 
 # ------------------------------------------------------------------------------------------------

@@ -136,6 +136,7 @@ def describe_cache(
         "fidelity": s.fidelity,
         "build": s.build,
         "build_seconds": s.build.get("seconds"),
+        "teacher_check": s.build.get("teacher_check"),  # the build's sanity gate (None: not run)
         "tool_version": s.tool_version,
         "created": s.created,
         "completed": s.completed,

@@ -26,8 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache_tools.codecs import FeatureCodec, LogitCodec, fit_pca, parse_feature_codec
 from cache_tools.datasets import SegDataset, open_dataset
-from cache_tools.errors import ConfigError, ConfigMismatchError, DatasetError, ModelError, SchemaError
+from cache_tools.errors import ConfigError, ConfigMismatchError, DatasetError, ModelError, SchemaError, SkdError
 from cache_tools.fidelity import compose_nodes, entry_fidelity, official_kernel, summarize
 from cache_tools.options import MAX_SEED, MAX_SIDE, check_options, option
 from cache_tools.schema import (
@@ -84,13 +83,17 @@ class BuildConfig:
     default and help against them. Fields marked ``internal`` have no flag on purpose.
     """
 
-    teacher: str
     data: str
     out: str
+    teacher: str | None = None  # None: the model recognised from --weights (pipeline.recognize)
     weights: str | None = None
     random_weights: bool = False
     seed: int = option(0, lo=0, hi=MAX_SEED)
     weights_format: str = option("auto", choices=("auto", "skd", "official"))
+    # the teacher sanity gate (pipeline.sanity): mIoU on labelled images before anything is cached
+    teacher_check: bool = option(True, flag="--no-teacher-check")
+    check_split: str | None = None  # None: the cached split(s)
+    check_images: int = option(8, lo=1, hi=100_000)
     splits: tuple[str, ...] = option(("train",), flag="--split")
     mode: str = option("dense", choices=("dense", "views"))
     # views mode
@@ -134,6 +137,8 @@ class BuildConfig:
             raise ConfigError("--inference slide needs --tile HxW")
         if self.weights and self.random_weights:
             raise ConfigError("give either --weights or --random-weights, not both")
+        if self.random_weights and self.teacher is None:
+            raise ConfigError("--random-weights needs --teacher NAME (skdcache teachers lists them)")
         if not self.scales:
             raise ConfigError("--scales needs at least one number")
         try:  # the codec and compressor names and their parameters
@@ -177,6 +182,8 @@ class BuildResult:
     bytes_encoded: int
     skipped_images: list[str] = field(default_factory=list)
     already_complete: bool = False
+    recognised: dict | None = None  # what --weights holds (Recognition.to_dict()), None without --weights
+    teacher_check: dict | None = None  # the sanity gate's measurement, None when skipped
 
 
 class NonFiniteTeacherError(ModelError):
@@ -217,6 +224,8 @@ class BuildPlan:
     skipped: list[str]
     precision: str = "fp32"
     precision_error: dict = field(default_factory=dict)  # measure_precision(), filled by prepare_build
+    recognised: dict | None = None  # Recognition.to_dict() of --weights
+    teacher_check: dict | None = None  # the sanity gate's result (or the one the store recorded); None: skipped
 
 
 def _teacher_precision(config: BuildConfig, device: torch.device) -> str:
@@ -230,26 +239,14 @@ def _teacher_precision(config: BuildConfig, device: torch.device) -> str:
     return config.precision
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
+def _readable(dataset: SegDataset, i: int) -> str | None:
+    """None when record ``i``'s image passes the checks a build applies (header, mode, full decode), else why not."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except Exception as exc:  # noqa: BLE001 - any decoder error means an unreadable image
-        raise DatasetError(f"cannot read image {path}: {exc}") from None
-    return h, w
-
-
-def _readable(path: Path) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-        return True
-    except Exception:  # noqa: BLE001 - any decoder error means an unreadable image
-        return False
+        dataset.image_size(i)
+        dataset.read_image(i)
+    except SkdError as exc:
+        return str(exc)
+    return None
 
 
 def _default_shard_images(entry_bytes: int, per_image: int, num_images: int) -> int:
@@ -267,29 +264,25 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         keep = []
         for i in records:
             rec = dataset.records[i]
-            if _readable(rec.image_path):
+            problem = _readable(dataset, i)
+            if problem is None:
                 keep.append(i)
             else:
                 skipped.append(rec.id)
-                logger.warning("skipping unreadable image %s (%s)", rec.id, rec.image_path)
+                logger.warning("skipping unreadable image %s: %s", rec.id, problem)
         records = keep
         if not records:
             raise DatasetError(f"no readable images under {config.data}")
     ids = [dataset.records[i].id for i in records]
-    sizes = np.array([_image_size(dataset.records[i].image_path) for i in records], dtype=np.int64)
+    sizes = np.array([dataset.image_size(i) for i in records], dtype=np.int64)  # refuses what load() would
 
     device = pick_device(config.device)
     precision = _teacher_precision(config, device)
-    teacher = create_teacher(
-        config.teacher,
-        num_classes=dataset.num_classes,
-        weights=config.weights,
-        random_weights=config.random_weights,
-        seed=config.seed,
-        weights_format=config.weights_format,
-        device=str(device),
-    )
+    teacher, recognised = _make_teacher(config, dataset, device)
     info = teacher.info
+    teacher_check = _recorded_check(config, info.weights_sha256) or run_teacher_check(
+        config, teacher, dataset, device, precision
+    )
 
     k = config.entries_per_image
     if config.mode == "views":
@@ -352,7 +345,7 @@ def plan_build(config: BuildConfig) -> BuildPlan:
 
     schema = CacheSchema(
         mode=config.mode,
-        teacher=TeacherStamp.from_dict(info.to_dict()),
+        teacher=TeacherStamp.from_dict({**info.to_dict(), **_conventions(teacher.model)}),
         dataset=DatasetStamp(
             name=dataset.name,
             splits=tuple(config.splits),
@@ -377,9 +370,120 @@ def plan_build(config: BuildConfig) -> BuildPlan:
             if config.mode == "dense"
             else None
         ),
-        build={"precision": precision},  # recorded at creation: a resume must use the same
+        build=_provenance(precision, recognised, teacher_check),  # recorded at creation: a resume must use the same
     )
-    return BuildPlan(config, dataset, records, ids, sizes, teacher, device, views, grids, schema, skipped, precision)
+    return BuildPlan(
+        config,
+        dataset,
+        records,
+        ids,
+        sizes,
+        teacher,
+        device,
+        views,
+        grids,
+        schema,
+        skipped,
+        precision,
+        recognised=recognised,
+        teacher_check=teacher_check,
+    )
+
+
+def _provenance(precision: str, recognised: dict | None, teacher_check: dict | None) -> dict:
+    """The ``build`` provenance written when the store is created."""
+    out: dict = {"precision": precision}
+    if recognised is not None:
+        out["recognised"] = recognised["description"]
+    if teacher_check is not None:
+        out["teacher_check"] = teacher_check
+    return out
+
+
+def _recorded_check(config: BuildConfig, weights_sha256: str | None) -> dict | None:
+    """The sanity check an existing store at ``--out`` recorded for these same weights (a resume skips it)."""
+    if config.weights is None or not config.teacher_check or config.overwrite:
+        return None
+    from cache_tools.store import open_cache
+
+    try:
+        existing = open_cache(config.out, storage_options=config.storage_options or None, allow_incomplete=True)
+    except Exception:  # noqa: BLE001 - nothing (readable) there: the check runs
+        return None
+    recorded = existing.schema.build.get("teacher_check")
+    if existing.schema.teacher.weights_sha256 != weights_sha256 or not isinstance(recorded, dict):
+        return None
+    logger.info("teacher check recorded in %s (resume): not run again", config.out)
+    return recorded
+
+
+def _make_teacher(config: BuildConfig, dataset: SegDataset, device: torch.device) -> tuple[Teacher, dict | None]:
+    """The teacher ``--teacher`` names, or the one recognised from ``--weights``; says what it chose."""
+    from .recognize import resolve_teacher
+
+    name, model_kwargs, rec = resolve_teacher(config.weights, config.teacher, dataset.num_classes)
+    if rec is not None:
+        chosen = "as given" if config.teacher else "recognised"
+        logger.info("teacher %s (%s): %s", name, chosen, rec.describe())
+    teacher = create_teacher(
+        name,
+        num_classes=dataset.num_classes,
+        weights=config.weights,
+        random_weights=config.random_weights,
+        seed=config.seed,
+        weights_format=config.weights_format,
+        device=str(device),
+        **model_kwargs,
+    )
+    if rec is None or rec.family == "unknown":  # a custom teacher's own layout: nothing to report
+        return teacher, None
+    return teacher, {**rec.to_dict(), "chosen": name, "given": config.teacher}
+
+
+def _conventions(model: torch.nn.Module) -> dict:
+    """The teacher family's grid, resize and ignore conventions, as :class:`TeacherStamp` fields."""
+    from .families import family_of
+
+    fam = family_of(model)
+    return {
+        "family": fam.family,
+        "grid": fam.grid,
+        "align_corners": fam.align_corners,
+        "ignore_index": fam.ignore_index,
+    }
+
+
+def run_teacher_check(
+    config: BuildConfig, teacher: Teacher, dataset: SegDataset, device: torch.device, precision: str
+) -> dict | None:
+    """The sanity gate on labelled images before caching (None when skipped: no weights, or --no-teacher-check).
+
+    Raises:
+        WeightsError: the teacher is near chance or collapsed (the message names the likely causes).
+        DatasetError: ``--check-split`` has other classes than the cached split, or no labelled image.
+    """
+    from .sanity import check_teacher
+
+    cfg = config
+    if cfg.weights is None or not cfg.teacher_check:  # random weights are at chance by design: no gate
+        return None
+    check_ds = open_dataset(cfg.data, splits=(cfg.check_split,)) if cfg.check_split else dataset
+    if tuple(check_ds.class_names) != tuple(dataset.class_names):
+        raise DatasetError(
+            f"--check-split {cfg.check_split} has other classes than the cached split(s); check on a split of the "
+            "same dataset"
+        )
+    report = teacher.report
+    result = check_teacher(
+        teacher.model,
+        check_ds,
+        cfg.check_images,
+        device,
+        precision=precision,
+        load_summary=report.summary() if report is not None else None,
+    )
+    logger.info("%s", result.line())
+    return {**result.to_dict(), "split": cfg.check_split or ",".join(cfg.splits)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,7 +503,16 @@ class _ImageSource(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, n: int) -> tuple[int, bytes, torch.Tensor]:
+    def __getitem__(self, n: int) -> tuple[int, bytes, torch.Tensor] | _WorkerFailure:
+        if torch.utils.data.get_worker_info() is None:
+            return self.load(n)
+        try:
+            return self.load(n)
+        except SkdError as exc:  # carried to the main process as one line, not a worker traceback
+            return _WorkerFailure(exc)
+
+    def load(self, n: int) -> tuple[int, bytes, torch.Tensor]:
+        """The inputs of the ``n``-th image's entries (raises DatasetError for a bad image)."""
         img = self.images[n]
         image, _label, sha = self.dataset.load(self.records[img])  # load() checks the label too
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (3, H, W) uint8
@@ -408,7 +521,18 @@ class _ImageSource(Dataset):
         return img, bytes.fromhex(sha), crops
 
 
+class _WorkerFailure:
+    """A user error raised in a loader worker, re-raised in the main process with its type and message."""
+
+    def __init__(self, exc: SkdError):
+        self.cls = type(exc)
+        self.message = str(exc)
+
+
 def _collate(batch):
+    for item in batch:
+        if isinstance(item, _WorkerFailure):
+            return item  # re-raised by the main process (_run_pipeline)
     return batch
 
 
@@ -567,7 +691,8 @@ def prepare_build(config: BuildConfig) -> tuple[BuildPlan, CacheWriter, bool]:
     def prepare() -> tuple[CacheWriter, bool]:
         return prepare_cache(
             config.out,
-            schema,
+            # the store records which images have labels (an unlabelled split trains distillation only)
+            replace(schema, dataset=schema.dataset.with_labels([plan.dataset.has_label(i) for i in plan.records])),
             image_ids=plan.ids,
             image_sizes=plan.sizes,
             views=plan.views,
@@ -723,6 +848,7 @@ def build_cache(config: BuildConfig, progress: Callable[[BuildProgress], None] |
         return already_complete(plan, writer, time.perf_counter() - t0)
     written, nbytes, teacher_seconds = build_shards(plan, writer, writer.pending_shards(), progress, t0)
     final = writer.finalize(build_info(plan, time.perf_counter() - t0, teacher_seconds))
+    # the result reports what this store records (a resumed one: its check, not a fresh measurement)
     return BuildResult(
         url=config.out,
         schema=final,
@@ -732,6 +858,8 @@ def build_cache(config: BuildConfig, progress: Callable[[BuildProgress], None] |
         teacher_seconds=teacher_seconds,
         bytes_encoded=nbytes,
         skipped_images=plan.skipped,
+        recognised=plan.recognised,
+        teacher_check=final.build.get("teacher_check"),
     )
 
 
@@ -752,6 +880,8 @@ def already_complete(plan: BuildPlan, writer: CacheWriter, seconds: float) -> Bu
         bytes_encoded=0,
         skipped_images=plan.skipped,
         already_complete=True,
+        recognised=plan.recognised,
+        teacher_check=writer.schema.build.get("teacher_check"),
     )
 
 
@@ -802,6 +932,8 @@ def _run_pipeline(
     done = 0
     try:
         for batch in loader:
+            if isinstance(batch, _WorkerFailure):
+                raise batch.cls(batch.message)
             if sink.error is not None:
                 break
             crops = torch.cat([c for _, _, c in batch])

@@ -51,6 +51,9 @@ def sample_data(
     out: Annotated[Path, typer.Argument(help="Directory to write (Cityscapes layout).")],
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="Training images.")] = 200,
     num_val: Annotated[int | None, typer.Option(help="Validation images (default: a quarter of --num-images).")] = None,
+    num_extra: Annotated[
+        int, typer.Option(help="Unlabelled images (split train_extra: images only, for distillation).")
+    ] = 0,
     size: Annotated[str, typer.Option(help="Image size HxW.")] = "256x512",
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -60,13 +63,16 @@ def sample_data(
 
     in_range("--num-images", num_images, 1, 1_000_000)
     in_range("--num-val", num_val, 0, 1_000_000)
+    in_range("--num-extra", num_extra, 0, 1_000_000)
     in_range("--seed", seed, 0, 2**63 - 1)
     h, w = hw(size, "--size")
     in_range("--size (height)", h, 8, 8192)
     in_range("--size (width)", w, 8, 8192)
     check_destination(str(out), "OUT")
     n_val = num_val if num_val is not None else max(1, num_images // 4)
-    summary = write_sample_dataset(out, num_train=num_images, num_val=n_val, size=(h, w), seed=seed)
+    summary = write_sample_dataset(
+        out, num_train=num_images, num_val=n_val, size=(h, w), seed=seed, num_extra=num_extra
+    )
     if json_out:
         print_json(summary)
         return
@@ -81,30 +87,77 @@ def teachers(json_out: Annotated[bool, typer.Option("--json", help="Print JSON."
     from .teachers import list_teachers
 
     entries = list_teachers()
+    families = {e.name: _family_of_name(e.name) for e in entries}
     if json_out:
-        print_json([{"name": e.name, "description": e.description, "roles": list(e.roles)} for e in entries])
+        print_json(
+            [
+                {"name": e.name, "family": families[e.name], "description": e.description, "roles": list(e.roles)}
+                for e in entries
+            ]
+        )
         return
     table = Table(title="teachers", show_lines=False)
     table.add_column("name", style="bold")
+    table.add_column("family")
     table.add_column("roles")
     table.add_column("description")
     for e in entries:
-        table.add_row(e.name, ", ".join(e.roles), e.description)
+        table.add_row(e.name, families[e.name], ", ".join(e.roles), e.description)
     console.print(table)
     console.print("Custom teachers: --teacher package.module:factory")
 
 
+def _family_of_name(name: str) -> str:
+    """A registered model's family (the families module names its models ``mmseg_*`` / ``cirkd_*``)."""
+    from .families import FAMILIES
+
+    prefix = name.split("_", 1)[0]
+    return prefix if prefix in FAMILIES else "skd"
+
+
+@app.command("weights")
+def weights_cmd(
+    file: Annotated[Path, typer.Argument(help="Checkpoint: .pth / .pt / .safetensors.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Say what a weights file holds: container, tensors, family and model, and whether and how it loads."""
+    from .recognize import describe_weights_file, weights_lines
+
+    info = describe_weights_file(file)
+    if json_out:
+        print_json(info)
+        return
+    for line in weights_lines(info):
+        console.print(line, markup=False, highlight=False)  # lines hold [1, 1, 1, 1] shapes
+
+
 @app.command("build")
 def build(
-    teacher: Annotated[str, typer.Option(help="Registered teacher name, or package.module:factory.")],
     data: Annotated[Path, typer.Option(help="Dataset root (Cityscapes or folder layout).")],
     out: Annotated[str, typer.Option(help="Store URL: a path or any fsspec URL (s3://bucket/x.zarr).")],
-    weights: Annotated[Path | None, typer.Option(help="Teacher checkpoint (.safetensors or .pth/.pt).")] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="Registered model name, or package.module:factory (default: the model recognised from --weights)."
+        ),
+    ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option(help="Teacher checkpoint (.safetensors or .pth/.pt; skd, SKD official, mmseg or CIRKD)."),
+    ] = None,
     random_weights: Annotated[
         bool, typer.Option("--random-weights", help="Use seeded random weights (smoke tests only).")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of --random-weights.")] = 0,
     weights_format: Annotated[str, typer.Option(help="auto | skd | official (InPlace-ABN checkpoints).")] = "auto",
+    no_teacher_check: Annotated[
+        bool,
+        typer.Option("--no-teacher-check", help="Skip the teacher sanity gate (mIoU on labelled images first)."),
+    ] = False,
+    check_split: Annotated[
+        str | None, typer.Option(help="Labelled split the teacher check runs on (default: the cached split).")
+    ] = None,
+    check_images: Annotated[int, typer.Option(help="Labelled images the teacher check evaluates.")] = 8,
     split: Annotated[str, typer.Option(help="Split(s), comma separated.")] = "train",
     mode: Annotated[
         str, typer.Option(help="dense: one pass per image | views: K augmented views per image.")
@@ -209,6 +262,7 @@ def build(
 def _print_build(result) -> None:
     """The human summary of a build: what was written (or that nothing was needed), fidelity, skips."""
     s = result.schema
+    _print_teacher_lines(result)
     if result.already_complete:
         console.print(
             f"[bold]{result.url}[/] is already a complete {s.mode} cache of this configuration "
@@ -238,6 +292,29 @@ def _print_build(result) -> None:
         )
 
 
+def _print_teacher_lines(result) -> None:
+    """What --weights was recognised as and which model was built, and the sanity gate's measurement."""
+    rec, tc, t = result.recognised, result.teacher_check, result.schema.teacher
+    if rec is not None:
+        how = "as given by --teacher" if rec.get("given") else "recognised from --weights"
+        console.print(f"teacher {rec['chosen']} ({how}): {rec['description']}", markup=False, highlight=False)
+    console.print(
+        f"teacher family {t.family}: {t.grid} grid, align_corners={t.align_corners}, "
+        f"input {t.normalization.get('order', '?')} mean {t.normalization.get('mean')} std {t.normalization.get('std')}",
+        markup=False,
+        highlight=False,
+    )
+    if tc is not None:
+        console.print(_check_line(tc), markup=False, highlight=False)
+
+
+def _check_line(tc: dict) -> str:
+    return (
+        f"teacher check: mIoU {100 * (tc.get('miou') or 0.0):.1f}% on {tc.get('images')} labelled images of "
+        f"{tc.get('split')} (chance {100 * (tc.get('chance_miou') or 0.0):.1f}%): {tc.get('verdict')}"
+    )
+
+
 def _build_summary(result) -> dict:
     s = result.schema
     return {
@@ -253,6 +330,10 @@ def _build_summary(result) -> dict:
         "bytes_encoded": result.bytes_encoded,
         "fidelity": s.fidelity,
         "skipped_images": result.skipped_images,
+        "teacher": s.teacher.name,
+        "family": s.teacher.family,
+        "recognised": result.recognised,
+        "teacher_check": result.teacher_check,
     }
 
 

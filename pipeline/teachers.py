@@ -677,6 +677,10 @@ def save_weights(model: nn.Module, path: str | os.PathLike, metadata: Mapping[st
         value = getattr(model, key, None)
         if value is not None:
             meta[key] = str(value)
+    if hasattr(model, "input_norm"):  # the family's conventions: normalisation, grid, align_corners, ignore
+        from .families import family_of
+
+        meta["family"] = json.dumps(family_of(model).to_dict())
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}

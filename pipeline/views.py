@@ -16,7 +16,7 @@ view's stride-8 grid back onto the image's grid, where the stored maps are resam
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ __all__ = [
     "sample_view",
     "sample_views",
     "apply_view",
+    "node_positions",
+    "student_convention",
     "view_grid_coords",
     "resample_map",
     "gather_nodes",
@@ -139,18 +141,71 @@ def apply_view(image: Tensor, label: Tensor | None, view: View) -> tuple[Tensor,
     return out, lab
 
 
+def node_positions(n: int, length: int, align_corners: bool = True) -> Tensor:
+    """Pixel coordinates of the ``n`` nodes of a grid over ``length`` pixels (float64).
+
+    ``align_corners=True`` (skd, CIRKD): node ``j`` at ``j (L-1)/(n-1)``, the first and last nodes on
+    the first and last pixels. ``False`` (mmseg): node ``j`` at ``(j + 1/2) L/n - 1/2``, the centre of
+    its ``L/n`` pixels. Each is where that family's bilinear resize of logits to pixels puts the nodes.
+    """
+    j = torch.arange(n, dtype=torch.float64)
+    if align_corners:
+        return j * ((length - 1) / max(n - 1, 1))
+    return (j + 0.5) * (length / n) - 0.5
+
+
+def _grid_coords(p: Tensor, n: int, length: int, align_corners: bool) -> Tensor:
+    """Grid coordinates of pixel coordinates ``p`` (the inverse of :func:`node_positions`)."""
+    if align_corners:
+        return p * ((n - 1) / max(length - 1, 1))
+    return (p + 0.5) * (n / length) - 0.5
+
+
+def student_convention(
+    student: torch.nn.Module | str | None,
+) -> tuple[bool, Callable[[tuple[int, int]], tuple[int, int]]]:
+    """``(align_corners, grid of a crop)`` of a student model (or a registered name: built on the meta device).
+
+    None is an ``skd`` student (``align_corners=True``, the 8k+1 grid of :func:`grid_size`).
+    """
+    if student is None:
+        return True, lambda crop: (grid_size(crop[0]), grid_size(crop[1]))
+    from .families import family_of
+    from .inference import output_grid
+    from .teachers import create_model
+
+    if isinstance(student, str):
+        with torch.device("meta"):
+            student = create_model(student)
+    model = student
+    sizes: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def grid_of(crop: tuple[int, int]) -> tuple[int, int]:
+        key = (int(crop[0]), int(crop[1]))
+        if key not in sizes:
+            sizes[key] = tuple(int(v) for v in output_grid(model, *key))  # type: ignore[assignment]
+        return sizes[key]
+
+    return family_of(model).align_corners, grid_of
+
+
 def view_grid_coords(
     view: View,
     image_size: tuple[int, int],
     map_grid: tuple[int, int],
     out_grid: tuple[int, int] | None = None,
     map_flipped: bool = False,
+    *,
+    out_align_corners: bool = True,
+    map_align_corners: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Where the nodes of a view's grid fall on a whole-image map's grid.
 
-    Node ``j`` of a grid of ``n`` nodes over ``L`` pixels sits at pixel ``j (L-1)/(n-1)`` (the
-    official ``align_corners=True`` convention). A crop pixel goes back through the flip, the crop
-    offset and the resize (half-pixel centres) to an image pixel, then onto the map's grid.
+    The view's nodes sit on the crop's pixels by the student's convention (``out_align_corners``,
+    :func:`node_positions`); a crop pixel goes back through the flip, the crop offset and the resize
+    (half-pixel centres) to an image pixel, then onto the map's grid by the teacher's convention
+    (``map_align_corners``). With both True (skd's): node ``j`` of ``n`` over ``L`` pixels at ``j (L-1)/(n-1)``.
+    The identity view of a crop maps a student's grid onto a teacher's grid of the same crop.
 
     Args:
         view: the student's view.
@@ -158,6 +213,8 @@ def view_grid_coords(
         map_grid: (h0, w0) grid of the stored whole-image map.
         out_grid: (hc, wc) grid of the view; default ``grid_size`` of the crop.
         map_flipped: the map is the teacher's output on the mirrored image.
+        out_align_corners: where the view's (student's) nodes sit on the crop.
+        map_align_corners: where the map's (teacher's) nodes sit on the image.
 
     Returns:
         (gy, gx): float64 coordinates on the map's grid, shapes (hc,) and (wc,).
@@ -167,21 +224,15 @@ def view_grid_coords(
     hs, ws = view.resized
     y0, x0, ch, cw = view.box
     hc, wc = out_grid or (grid_size(ch), grid_size(cw))
-
-    def nodes(n: int, length: int) -> Tensor:
-        return torch.arange(n, dtype=torch.float64) * ((length - 1) / max(n - 1, 1))
-
-    yc = nodes(hc, ch)
-    xc = nodes(wc, cw)
+    yc = node_positions(hc, ch, out_align_corners)
+    xc = node_positions(wc, cw, out_align_corners)
     if view.flip:
         xc = (cw - 1) - xc
     yo = (y0 + yc + 0.5) * (H / hs) - 0.5
     xo = (x0 + xc + 0.5) * (W / ws) - 0.5
     if map_flipped:
         xo = (W - 1) - xo
-    gy = yo * ((h0 - 1) / max(H - 1, 1))
-    gx = xo * ((w0 - 1) / max(W - 1, 1))
-    return gy, gx
+    return _grid_coords(yo, h0, H, map_align_corners), _grid_coords(xo, w0, W, map_align_corners)
 
 
 def resample_map(m: Tensor, gy: Tensor, gx: Tensor, valid: tuple[int, int] | None = None) -> Tensor:

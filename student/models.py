@@ -11,7 +11,7 @@ import os
 
 from torch import nn
 
-from pipeline.teachers import ModelEntry, create_model, list_models, load_backbone_weights
+from pipeline.teachers import ModelEntry, create_model, list_models
 
 __all__ = ["create_student", "list_students"]
 
@@ -28,21 +28,25 @@ def create_student(
     *,
     num_classes: int,
     pretrained: str | os.PathLike | None = None,
-    pretrained_format: str = "skd",
     **kwargs,
 ) -> nn.Module:
     """Build a student, optionally initialising its backbone from a local ImageNet checkpoint.
 
     Args:
         name: a registered model (see ``skdstudent students``) or ``package.module:factory``.
-        pretrained: backbone weights (CSAIL deep-stem ResNet layout, e.g. ``resnet18-imagenet.pth``,
-            or one of this project's checkpoints). Nothing is downloaded.
+        pretrained: a backbone file as its project publishes it, recognised from its keys
+            (:func:`pipeline.recognize.load_backbone`): open-mmlab ``resnet*_v1c`` and timm deep-stem
+            files for ``mmseg`` students, CIRKD's / CSAIL's deep-stem ``resnet*-imagenet.pth`` for
+            ``cirkd`` and ``skd`` students, or the backbone of any recognised segmentation checkpoint.
+            Nothing is downloaded; the log says what loaded and what stayed random.
 
     Raises:
         ModelError, WeightsError: unknown name; a backbone checkpoint that does not fit (one line).
     """
     model = create_model(name, num_classes=num_classes, **kwargs)
     if pretrained is not None:
-        report = load_backbone_weights(model, pretrained, weights_format=pretrained_format)
+        from pipeline.recognize import load_backbone
+
+        report = load_backbone(model, pretrained)
         logger.info("backbone of %s initialised from %s: %s", name, pretrained, report.summary())
     return model
