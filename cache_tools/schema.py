@@ -360,6 +360,10 @@ class TargetLayout:
         )
 
 
+#: Output grid conventions: "8k+1" (ceil-mode stem pool, skd) and "8k" (``ceil(n/8)``, mmseg/CIRKD).
+GRID_CONVENTIONS = ("8k+1", "8k")
+
+
 @dataclass(frozen=True)
 class TeacherStamp:
     """Where the targets came from (mirrors ``pipeline.teachers.TeacherInfo``)."""
@@ -374,6 +378,11 @@ class TeacherStamp:
     parameters: int = 0
     seed: int | None = None
     weights_path: str | None = None
+    # the teacher family's conventions (pipeline.families); stores from before families read as skd's
+    family: str = "skd"
+    grid: str = "8k+1"  # "8k+1": ceil-mode stem, 65 nodes for 512 pixels; "8k": ceil(n/8), 64 for 512
+    align_corners: bool = True  # where grid nodes sit on the pixels (node j at j(L-1)/(n-1) when True)
+    ignore_index: int = 255  # the family's own ignore label (the dataset's is DatasetStamp.ignore_index)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -398,12 +407,22 @@ class TeacherStamp:
             parameters=_int(d, "parameters", where),
             seed=seed,
             weights_path=_opt_str(d, "weights_path", where),
+            family=_str(d, "family", where, max_len=64) if "family" in d else "skd",
+            grid=_str(d, "grid", where, choices=GRID_CONVENTIONS) if "grid" in d else "8k+1",
+            align_corners=_bool(d, "align_corners", where) if "align_corners" in d else True,
+            ignore_index=_int(d, "ignore_index", where, lo=-1, hi=65535) if "ignore_index" in d else 255,
         )
 
 
 @dataclass(frozen=True)
 class DatasetStamp:
-    """Which images the cache was built from."""
+    """Which images the cache was built from, and which of them have labels.
+
+    ``unlabelled`` lists the store's images without a label as sorted, disjoint half-open index
+    ranges ``(start, stop)`` (a split such as Cityscapes' ``train_extra`` is one run). It is written
+    only when some image is unlabelled, so a labelled cache's document is unchanged, and a store
+    written before it existed reads as all labelled.
+    """
 
     name: str
     splits: tuple[str, ...]
@@ -411,13 +430,41 @@ class DatasetStamp:
     ids_sha256: str
     class_names: tuple[str, ...]
     ignore_index: int = 255
+    unlabelled: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def labelled(self) -> list[bool]:
+        """Whether each image of the store (in store order) has a label."""
+        out = [True] * self.num_images
+        for start, stop in self.unlabelled:
+            out[start:stop] = [False] * (stop - start)
+        return out
+
+    @property
+    def num_labelled(self) -> int:
+        return self.num_images - sum(stop - start for start, stop in self.unlabelled)
+
+    def with_labels(self, labelled: list[bool] | tuple[bool, ...]) -> DatasetStamp:
+        """This stamp recording which images (in store order) have labels."""
+        flags = [bool(v) for v in labelled]
+        if len(flags) != self.num_images:
+            raise ValueError(f"{len(flags)} label flags for {self.num_images} images")
+        runs: list[tuple[int, int]] = []
+        for i, has in enumerate(flags):
+            if has:
+                continue
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        return replace(self, unlabelled=tuple(runs))
+
     def to_dict(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "splits": list(self.splits),
             "num_images": self.num_images,
@@ -426,6 +473,9 @@ class DatasetStamp:
             "num_classes": self.num_classes,
             "ignore_index": self.ignore_index,
         }
+        if self.unlabelled:
+            d["unlabelled"] = [list(r) for r in self.unlabelled]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "dataset") -> DatasetStamp:
@@ -436,10 +486,26 @@ class DatasetStamp:
             ids_sha256=_str(d, "ids_sha256", where),
             class_names=_strs(d, "class_names", where, max_items=MAX_CLASSES),
             ignore_index=_int(d, "ignore_index", where, hi=65535),
+            unlabelled=_ranges(d.get("unlabelled", []), f"{where}.unlabelled", int(d.get("num_images", 0))),
         )
         if _int(d, "num_classes", where, lo=1) != out.num_classes:
             raise SchemaError(f"{where}.num_classes disagrees with {where}.class_names")
         return out
+
+
+def _ranges(value: Any, where: str, n: int) -> tuple[tuple[int, int], ...]:
+    """Sorted, disjoint, non-empty ``[start, stop)`` ranges within ``[0, n]``."""
+    if not isinstance(value, list) or len(value) > MAX_IMAGES:
+        raise SchemaError(f"{where} must be a list of [start, stop] ranges")
+    out: list[tuple[int, int]] = []
+    last = 0
+    for r in value:
+        ok = isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+        if not ok or not last <= r[0] < r[1] <= n:
+            raise SchemaError(f"{where} must hold sorted, disjoint [start, stop) image ranges within 0..{n}, got {r!r}")
+        out.append((r[0], r[1]))
+        last = r[1]
+    return tuple(out)
 
 
 @dataclass(frozen=True)

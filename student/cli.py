@@ -78,8 +78,14 @@ def train(
     cache: Annotated[str | None, typer.Option(help="Teacher cache URL (path or fsspec URL).")] = None,
     teacher: Annotated[str | None, typer.Option(help="Online teacher name (instead of --cache).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Online teacher checkpoint.")] = None,
-    losses: Annotated[str, typer.Option(help="pixel,pair,holistic (any subset) or none.")] = "pixel,pair,holistic",
-    split: Annotated[str, typer.Option(help="Training split(s), comma separated.")] = "train",
+    losses: Annotated[
+        str, typer.Option(help="Any of pixel,pair,holistic (SKD) and kd,cwd,dist,ifvd, comma separated, or none.")
+    ] = "pixel,pair,holistic",
+    split: Annotated[str, typer.Option(help="Training split(s), comma separated (unlabelled ones too).")] = "train",
+    labelled_share: Annotated[
+        float | None,
+        typer.Option(help="Share of labelled samples in each batch (default: the splits' natural proportion)."),
+    ] = None,
     iters: Annotated[int, typer.Option(help="Iterations.")] = 40000,
     batch_size: Annotated[int, typer.Option(help="Batch per process.")] = 8,
     crop: Annotated[str, typer.Option(help="Crop HxW (views caches use their stored crop).")] = "512x512",
@@ -105,6 +111,15 @@ def train(
     critic_image: Annotated[
         bool, typer.Option("--critic-image", help="Condition the critic on the image (paper).")
     ] = False,
+    lambda_kd: Annotated[float, typer.Option(help="kd weight (CIRKD train_kd.sh: 1).")] = 1.0,
+    kd_temperature: Annotated[float, typer.Option(help="kd temperature (CIRKD: 1).")] = 1.0,
+    lambda_cwd: Annotated[float, typer.Option(help="cwd weight (CIRKD train_cwd.sh --lambda-cwd-logit: 3).")] = 3.0,
+    cwd_temperature: Annotated[float, typer.Option(help="cwd temperature (CIRKD CriterionCWD: 4).")] = 4.0,
+    lambda_dist: Annotated[float, typer.Option(help="dist weight (DIST_KD segmentation: 1).")] = 1.0,
+    dist_beta: Annotated[float, typer.Option(help="dist inter-class weight beta (DIST: 1).")] = 1.0,
+    dist_gamma: Annotated[float, typer.Option(help="dist intra-class weight gamma (DIST: 1).")] = 1.0,
+    dist_temperature: Annotated[float, typer.Option(help="dist temperature (DIST segmentation: 1).")] = 1.0,
+    lambda_ifvd: Annotated[float, typer.Option(help="ifvd weight (CIRKD train_ifvd.sh --lambda-ifv: 20).")] = 20.0,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across processes.")] = False,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 2,

@@ -1,4 +1,4 @@
-"""Stage two: train a student with pixel-wise, pair-wise and holistic distillation.
+"""Stage two: train a student with SKD's pixel-wise, pair-wise and holistic terms, or KD, CWD, DIST, IFVD.
 
 Read :func:`train` top to bottom: it sets up (data, models, losses, optimisers), optionally
 resumes, then runs a plain iteration loop of :func:`train_step`. Teacher targets come from a cache
@@ -37,13 +37,24 @@ from .checkpoint import first_nonfinite, load_checkpoint, save_checkpoint
 from .critic import Critic
 from .data import DrawSampler, PairSpec, SegTrainData, TrainBatch, collate_samples, raise_worker_error
 from .distributed import DistEnv, all_reduce_grads, check_in_sync, dist_env, init_distributed, shutdown_distributed
-from .losses import DistillationWeights, HolisticLoss, PairWiseLoss, PixelWiseLoss
+from .losses import (
+    ChannelWiseLoss,
+    DistillationWeights,
+    DISTLoss,
+    HolisticLoss,
+    IFVDLoss,
+    KDLoss,
+    PairWiseLoss,
+    PixelWiseLoss,
+    TargetNeed,
+)
 from .models import create_student
 
 __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",
+    "check_cache_serves",
     "check_eval_split",
     "check_out_dir",
     "poly_lr",
@@ -53,7 +64,20 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: SKD's three terms (the default), and the methods served from the same stored targets (issue 13).
 LOSS_NAMES = ("pixel", "pair", "holistic")
+METHOD_NAMES = ("kd", "cwd", "dist", "ifvd")
+ALL_LOSSES = LOSS_NAMES + METHOD_NAMES
+#: What each loss reads from the teacher, as the loss declares it (checked against a cache at start).
+NEEDS: dict[str, TargetNeed] = {
+    "pixel": PixelWiseLoss.needs,
+    "pair": PairWiseLoss.needs,
+    "holistic": HolisticLoss.needs,
+    "kd": KDLoss.needs,
+    "cwd": ChannelWiseLoss.needs,
+    "dist": DISTLoss.needs,
+    "ifvd": IFVDLoss.needs,
+}
 
 
 class TrainingDivergedError(SkdError):
@@ -78,6 +102,7 @@ class TrainConfig:
     teacher_random_weights: bool = option(False, internal=True)  # smoke tests of the online mode
     losses: tuple[str, ...] = LOSS_NAMES
     splits: tuple[str, ...] = option(("train",), flag="--split")
+    labelled_share: float | None = option(None, lo=0, hi=1)  # None: the splits' natural proportion
     iters: int = option(40000, lo=1, hi=10**9)
     batch_size: int = option(8, lo=1, hi=4096)
     crop: tuple[int, int] = option((512, 512), lo=1, hi=MAX_SIDE)
@@ -105,6 +130,16 @@ class TrainConfig:
     critic_optimizer: str = option("sgd", choices=("sgd", "adam"))  # adam: CIRKD, TorchDistiller
     critic_lr: float = option(4e-4, lo=0, lo_open=True)
     critic_image: bool = False  # the paper's image-conditioned critic
+    # other methods (docs/training.md "Methods": each default is its reference code's, with the source)
+    lambda_kd: float = option(1.0, lo=0)  # CIRKD train_kd.sh --lambda-kd 1.0
+    kd_temperature: float = option(1.0, lo=0, lo_open=True, hi=100)  # CIRKD --kd-temperature 1
+    lambda_cwd: float = option(3.0, lo=0)  # CIRKD train_cwd.sh --lambda-cwd-logit 3
+    cwd_temperature: float = option(4.0, lo=0, lo_open=True, hi=100)  # CIRKD CriterionCWD(temperature=4)
+    lambda_dist: float = option(1.0, lo=0)  # DIST_KD segmentation/train_kd.py --lambda-kd 1
+    dist_beta: float = option(1.0, lo=0)  # DIST(beta=1, gamma=1)
+    dist_gamma: float = option(1.0, lo=0)
+    dist_temperature: float = option(1.0, lo=0, lo_open=True, hi=100)  # DIST segmentation: no temperature
+    lambda_ifvd: float = option(20.0, lo=0)  # CIRKD train_ifvd.sh --lambda-ifv 20
     # execution
     seed: int = option(0, lo=0, hi=MAX_SEED)
     workers: int = option(2, lo=0, hi=256)
@@ -124,9 +159,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
-        unknown = set(self.losses) - set(LOSS_NAMES)
+        unknown = set(self.losses) - set(ALL_LOSSES)
         if unknown:
-            raise ConfigError(f"unknown loss {sorted(unknown)[0]!r}; --losses takes pixel, pair, holistic or none")
+            raise ConfigError(
+                f"unknown loss {sorted(unknown)[0]!r}; --losses takes any of {', '.join(ALL_LOSSES)}, or none"
+            )
         if self.cache and self.teacher:
             raise ConfigError("give either --cache or --teacher (online), not both")
         if self.losses and not (self.cache or self.teacher):
@@ -228,10 +265,11 @@ class Targets:
     logits: Tensor | None
     nodes: Tensor | None
     grid: tuple[int, int]
+    feature: Tensor | None = None  # the teacher's feature map at the grid (IFVD)
 
 
 #: What can go non-finite, in blame order: when several do at the same step, the first is the cause.
-WATCHED = ("targets", "task", "pixel", "pair", "adv", "critic")
+WATCHED = ("targets", "task", "pixel", "pair", *METHOD_NAMES, "adv", "critic")
 
 
 class FiniteWatch:
@@ -280,6 +318,7 @@ class Setup:
     pixel: PixelWiseLoss | None
     pair: PairWiseLoss | None
     holistic: HolisticLoss | None
+    methods: dict[str, nn.Module]  # the chosen kd/cwd/dist/ifvd losses, by name
     critic_optimizer: torch.optim.Optimizer | None
     teacher: nn.Module | None
     out: Path
@@ -299,12 +338,45 @@ def _teacher_input(batch: TrainBatch) -> Tensor:
 def _teacher_targets(s: Setup, batch: TrainBatch) -> Targets:
     """Cached targets from the batch, or the online teacher on the same crops."""
     if s.teacher is None:
-        return Targets(batch.teacher_logits, batch.teacher_nodes, batch.teacher_grid)
+        return Targets(batch.teacher_logits, batch.teacher_nodes, batch.teacher_grid, batch.teacher_feature)
     with torch.no_grad(), autocast(s.device, s.config.amp):
         out = s.teacher(_teacher_input(batch))
     logits = out.logits.float()
     nodes = s.pair.nodes(out.feature.float()) if s.pair is not None else None
-    return Targets(logits, nodes, tuple(logits.shape[-2:]))
+    feature = out.feature.float() if "ifvd" in s.methods else None
+    return Targets(logits, nodes, tuple(logits.shape[-2:]), feature)
+
+
+def _distilled_on_grid(batch: TrainBatch, grid: tuple[int, int], ignore_index: int, labels: bool) -> Tensor:
+    """Where a per-pixel distillation term counts on the teacher grid: (B, gh, gw) bool.
+
+    Inside the image always (padding has no teacher output: a dense cache holds none there); with
+    ``labels`` (CIRKD's masked KL), a labelled entry's ignore pixels are left out too, while an
+    unlabelled entry is distilled everywhere in its image (distillation needs no label).
+    """
+    inside = _valid_on_grid(torch.isnan(batch.image[:, 0]).to(torch.uint8), grid, 1)
+    if not labels:
+        return inside
+    valid = _valid_on_grid(batch.label, grid, ignore_index)
+    if batch.labelled is None:
+        return valid
+    return torch.where(batch.labelled[:, None, None], valid, inside)
+
+
+def _method_terms(s: Setup, out, batch: TrainBatch, targets: Targets) -> dict[str, Tensor]:
+    """The weighted kd/cwd/dist/ifvd terms (each reads what its loss ``needs``)."""
+    cfg, m = s.config, s.methods
+    terms = {}
+    if "kd" in m:
+        inside = _distilled_on_grid(batch, targets.grid, s.data.dataset.ignore_index, labels=False)
+        terms["kd"] = cfg.lambda_kd * m["kd"](out.logits, targets.logits, inside)
+    if "cwd" in m:
+        terms["cwd"] = cfg.lambda_cwd * m["cwd"](out.logits, targets.logits)
+    if "dist" in m:
+        terms["dist"] = cfg.lambda_dist * m["dist"](out.logits, targets.logits)
+    if "ifvd" in m:
+        terms["ifvd"] = cfg.lambda_ifvd * m["ifvd"](out.feature, targets.feature, batch.label)
+    return terms
 
 
 def _student_terms(s: Setup, batch: TrainBatch, targets: Targets, image: Tensor | None):
@@ -315,10 +387,11 @@ def _student_terms(s: Setup, batch: TrainBatch, targets: Targets, image: Tensor 
         out = s.model(batch.image)
         terms = {"task": _task_loss(out, batch.label, w.aux_weight, ignore)}
         if s.pixel is not None:
-            valid = _valid_on_grid(batch.label, targets.grid, ignore) if cfg.pixel_mode == "kl" else None
+            valid = _distilled_on_grid(batch, targets.grid, ignore, labels=True) if cfg.pixel_mode == "kl" else None
             terms["pixel"] = w.lambda_pi * s.pixel(out.logits, targets.logits, valid)
         if s.pair is not None:
             terms["pair"] = w.lambda_pa * s.pair(out.feature, targets.nodes, targets.grid)
+        terms.update(_method_terms(s, out, batch, targets))
     if s.holistic is not None:
         with autocast(s.device, False):  # the critic runs in fp32
             terms["adv"] = w.lambda_d * s.holistic.generator_term(out.logits.float(), targets.grid, image)
@@ -372,7 +445,7 @@ def train_step(s: Setup, batch: TrainBatch, step: int) -> dict[str, Tensor | flo
 
 def _targets_probe(targets: Targets) -> Tensor | None:
     """0 when every teacher target is finite, NaN otherwise (one value for the watch; no sync)."""
-    parts = [t for t in (targets.logits, targets.nodes) if t is not None]
+    parts = [t for t in (targets.logits, targets.nodes, targets.feature) if t is not None]
     if not parts:
         return None
     ok = torch.stack([torch.isfinite(t).all() for t in parts]).all()
@@ -407,6 +480,11 @@ def _blame(s: Setup, term: str | None, bad_tensor: str | None) -> tuple[str, str
     if term in ("pixel", "pair"):
         flag = "--lambda-pi" if term == "pixel" else "--lambda-pa"
         return f"the {term}-wise term", f"its weight or the learning rate is too high: lower {flag} or --lr {cfg.lr:g}"
+    if term in METHOD_NAMES:
+        return (
+            f"the {term} term",
+            f"its weight or the learning rate is too high: lower --lambda-{term} or --lr {cfg.lr:g}",
+        )
     what = "the holistic (critic) term" if term else f"the critic's state ({bad_tensor})"
     fixes = ["--adversarial hinge"] if cfg.adversarial == "wgan-gp" else []
     fixes += [f"a lower --critic-lr (now {cfg.critic_lr:g})", "a lower --lambda-d"]
@@ -480,6 +558,48 @@ def check_eval_split(cfg: TrainConfig) -> str | None:
             "split or pass --eval-split none"
         )
     return split
+
+
+def check_cache_serves(losses: tuple[str, ...] | list[str], cache: str, storage_options: dict | None = None) -> None:
+    """Refuse, before training, a loss whose ``needs`` the cache cannot serve, naming the build flag that would.
+
+    Raises:
+        ConfigError: one line: the loss, what it needs, what the cache stores, and how to rebuild.
+    """
+    from cache_tools import open_cache
+
+    wanted = [name for name in losses if NEEDS[name] is not TargetNeed.LOGITS]  # every cache holds logits
+    if not wanted:
+        return
+    features = open_cache(cache, storage_options=storage_options).schema.features
+    for name in wanted:
+        if NEEDS[name] is TargetNeed.NODES and features is None:
+            raise ConfigError(
+                f"--losses {name} needs teacher features (feature cells): the cache {cache} was built with --no-features; "
+                f"rebuild it with skdcache build without --no-features (or drop {name} from --losses)"
+            )
+        if NEEDS[name] is TargetNeed.FULL_FEATURE:
+            if features is None:
+                stored = "no features (it was built with --no-features)"
+            elif tuple(features.block) != (1, 1):
+                stored = f"{features.block[0]}x{features.block[1]} {features.pool} cells"
+            else:
+                continue
+            raise ConfigError(
+                f"--losses {name} needs the teacher's full feature map; the cache {cache} stores {stored}: "
+                "rebuild with skdcache build --features-block 1x1"
+            )
+
+
+def _check_labels(cfg: TrainConfig, data: SegTrainData) -> None:
+    """A task-only run needs labelled images; distillation alone can use unlabelled ones."""
+    if not cfg.losses and not data.labelled.any():
+        raise ConfigError(
+            f"--losses none trains on the task loss alone, but the images of --split {','.join(cfg.splits)} have "
+            "no labels: add distillation losses (with --cache or --teacher) or train on a labelled split"
+        )
+    # a --labelled-share that the splits cannot serve fails here, before anything is written
+    DrawSampler(len(data), labelled=data.labelled, share=cfg.labelled_share, batch_size=cfg.batch_size)
 
 
 @contextlib.contextmanager
@@ -558,6 +678,8 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Setup:
     torch.manual_seed(cfg.seed)
 
     want = set(cfg.losses)
+    if cfg.cache and want:
+        check_cache_serves(cfg.losses, cfg.cache, cfg.storage_options or None)
     pair = _pair_loss(cfg.pair_preset) if "pair" in want else None
     data = SegTrainData(
         cfg.data,
@@ -565,7 +687,8 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Setup:
         cfg.crop,
         cache=cfg.cache if want else None,
         pair=_pair_spec(pair) if (pair is not None and cfg.cache) else None,
-        need_logits=bool(want & {"pixel", "holistic"}),
+        need_logits=any(NEEDS[n] is TargetNeed.LOGITS for n in want),
+        need_feature=bool(cfg.cache) and any(NEEDS[n] is TargetNeed.FULL_FEATURE for n in want),
         scales=cfg.scales or OFFICIAL_SCALES,
         flip=cfg.flip,
         photometric=cfg.photometric,
@@ -573,6 +696,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Setup:
         storage_options=cfg.storage_options or None,
         cache_dir=cfg.cache_dir,
     )
+    _check_labels(cfg, data)
     num_classes = data.dataset.num_classes
     model, module, optimizer, scaler = _models(cfg, env, device, num_classes)
     _refuse_nonfinite(module, f"--pretrained {cfg.pretrained}")
@@ -601,6 +725,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Setup:
         pixel=PixelWiseLoss(cfg.pixel_mode, cfg.temperature) if "pixel" in want else None,
         pair=pair,
         holistic=holistic,
+        methods=_methods(cfg, num_classes),
         critic_optimizer=critic_optimizer,
         teacher=teacher,
         out=out,
@@ -609,10 +734,28 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Setup:
     )
 
 
+def _methods(cfg: TrainConfig, num_classes: int) -> dict[str, nn.Module]:
+    """The chosen kd/cwd/dist/ifvd losses (unweighted modules; the trainer applies --lambda-*)."""
+    make = {
+        "kd": lambda: KDLoss(cfg.kd_temperature),
+        "cwd": lambda: ChannelWiseLoss(cfg.cwd_temperature),
+        "dist": lambda: DISTLoss(cfg.dist_beta, cfg.dist_gamma, cfg.dist_temperature),
+        "ifvd": lambda: IFVDLoss(num_classes),
+    }
+    return {name: make[name]() for name in METHOD_NAMES if name in cfg.losses}
+
+
 def _loader(s: Setup, start_step: int) -> DataLoader:
     cfg = s.config
     sampler = DrawSampler(
-        len(s.data), seed=cfg.seed, rank=s.env.rank, world=s.env.world, start=start_step * cfg.batch_size
+        len(s.data),
+        seed=cfg.seed,
+        rank=s.env.rank,
+        world=s.env.world,
+        start=start_step * cfg.batch_size,
+        labelled=s.data.labelled,
+        share=cfg.labelled_share,
+        batch_size=cfg.batch_size,
     )
     return DataLoader(
         s.data,
@@ -664,7 +807,7 @@ def _restore(s: Setup) -> tuple[int, float]:
     path = _checkpoint_path(s.out)
     state = load_checkpoint(path)
     old = json.loads(state["config"])
-    for key in ("student", "cache", "teacher", "losses", "batch_size", "crop", "data"):
+    for key in ("student", "cache", "teacher", "losses", "batch_size", "crop", "data", "labelled_share"):
         now = s.config.to_dict()[key]
         before = old.get(key)
         if isinstance(now, tuple):

@@ -94,7 +94,7 @@ def test_bad_input(sample_root, caches, tmp_path):
     with pytest.raises(ConfigError, match="needs teacher targets"):
         _cfg(sample_root, tmp_path / "x", losses=("pixel",))
     with pytest.raises(ConfigError, match="unknown loss"):
-        _cfg(sample_root, tmp_path / "x", cache="c", losses=("pixel", "kd"))
+        _cfg(sample_root, tmp_path / "x", cache="c", losses=("pixel", "fitnet"))
     with pytest.raises(SchemaMismatchError, match="are not in the cache"):
         train(_cfg(sample_root, tmp_path / "x", cache=str(caches / "dense.zarr"), splits=("val",)))
     train(_cfg(sample_root, tmp_path / "done", losses=(), iters=1))
