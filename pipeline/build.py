@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -353,7 +353,7 @@ def plan_build(config: BuildConfig) -> BuildPlan:
             ids_sha256=ids_digest(ids),
             class_names=tuple(dataset.class_names),
             ignore_index=dataset.ignore_index,
-        ),
+        ).with_labels([dataset.has_label(i) for i in records]),  # which images have labels
         num_entries=len(views),
         entries_per_image=k,
         shard_entries=shard_images * k,
@@ -691,8 +691,7 @@ def prepare_build(config: BuildConfig) -> tuple[BuildPlan, CacheWriter, bool]:
     def prepare() -> tuple[CacheWriter, bool]:
         return prepare_cache(
             config.out,
-            # the store records which images have labels (an unlabelled split trains distillation only)
-            replace(schema, dataset=schema.dataset.with_labels([plan.dataset.has_label(i) for i in plan.records])),
+            schema,
             image_ids=plan.ids,
             image_sizes=plan.sizes,
             views=plan.views,

@@ -96,7 +96,12 @@ def train(
     momentum: Annotated[float, typer.Option(help="SGD momentum (student and sgd critic).")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
     poly_power: Annotated[float, typer.Option(help="Power of the poly learning-rate decay.")] = 0.9,
-    pretrained: Annotated[Path | None, typer.Option(help="ImageNet backbone weights (CSAIL layout).")] = None,
+    pretrained: Annotated[
+        Path | None,
+        typer.Option(
+            help="ImageNet backbone file (mmcv v1c, CSAIL/CIRKD deep-stem, timm/torchvision where the stem fits)."
+        ),
+    ] = None,
     lambda_pi: Annotated[float, typer.Option(help="Pixel-wise weight.")] = 10.0,
     lambda_pa: Annotated[float, typer.Option(help="Pair-wise weight.")] = 0.5,
     lambda_d: Annotated[float, typer.Option(help="Holistic weight (student term and critic loss).")] = 0.1,
@@ -124,7 +129,11 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 2,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    no_amp: Annotated[bool, typer.Option("--no-amp", help="Disable autocast on CUDA.")] = False,
+    no_amp: Annotated[bool, typer.Option("--no-amp", help="Disable the student's autocast on CUDA.")] = False,
+    teacher_precision: Annotated[
+        str,
+        typer.Option(help="Online teacher arithmetic: fp32 (default, as a default cache) | tf32 | fp16 | bf16."),
+    ] = "fp32",
     eval_every: Annotated[int, typer.Option(help="Evaluate every N iterations (0: at the end).")] = 0,
     eval_split: Annotated[str, typer.Option(help="Evaluation split.")] = "val",
     eval_mode: Annotated[str, typer.Option(help="whole (official) | slide (tiles of the crop size).")] = "whole",

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from cache_tools.datasets import open_dataset
 from cache_tools.errors import CacheWriteError, ConfigError, DatasetError, SkdError, WeightsError
 from cache_tools.options import MAX_SEED, MAX_SIDE, check_options, option
-from pipeline.inference import autocast, pick_device
+from pipeline.families import family_of
+from pipeline.inference import PRECISIONS, autocast, check_precision, pick_device, teacher_precision
 from pipeline.teachers import create_teacher, save_weights
 from pipeline.views import OFFICIAL_SCALES
 
@@ -144,7 +145,9 @@ class TrainConfig:
     seed: int = option(0, lo=0, hi=MAX_SEED)
     workers: int = option(2, lo=0, hi=256)
     device: str = "auto"
-    amp: bool = option(True, flag="--no-amp")
+    amp: bool = option(True, flag="--no-amp")  # the student's autocast on CUDA
+    # the online teacher's arithmetic, as skdcache build --precision (fp32: what a default cache stores)
+    teacher_precision: str = option("fp32", choices=PRECISIONS)
     eval_every: int = option(0, lo=0)  # 0: only at the end
     eval_split: str = "val"
     eval_mode: str = option("whole", choices=("whole", "slide"))
@@ -339,7 +342,7 @@ def _teacher_targets(s: Setup, batch: TrainBatch) -> Targets:
     """Cached targets from the batch, or the online teacher on the same crops."""
     if s.teacher is None:
         return Targets(batch.teacher_logits, batch.teacher_nodes, batch.teacher_grid, batch.teacher_feature)
-    with torch.no_grad(), autocast(s.device, s.config.amp):
+    with torch.no_grad(), teacher_precision(s.device, s.config.teacher_precision, flag="--teacher-precision"):
         out = s.teacher(_teacher_input(batch))
     logits = out.logits.float()
     nodes = s.pair.nodes(out.feature.float()) if s.pair is not None else None
@@ -673,6 +676,8 @@ def _refuse_nonfinite(model: nn.Module, source: str) -> None:
 
 def _setup(cfg: TrainConfig, env: DistEnv) -> Setup:
     device = env.device if env.world > 1 else pick_device(cfg.device)
+    if cfg.teacher:  # refused before any work, not at the first step
+        check_precision(device, cfg.teacher_precision, "--teacher-precision")
     eval_split = check_eval_split(cfg)
     out = _prepare_out(cfg, env)
     torch.manual_seed(cfg.seed)
@@ -695,6 +700,7 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> Setup:
         seed=cfg.seed,
         storage_options=cfg.storage_options or None,
         cache_dir=cfg.cache_dir,
+        student=cfg.student,  # targets on the student's own grid, whatever the teacher's family
     )
     _check_labels(cfg, data)
     num_classes = data.dataset.num_classes
@@ -788,6 +794,7 @@ def _state(s: Setup, step: int, metrics: dict[str, float], best: float) -> dict:
         "step": step,
         "model_name": s.config.student,
         "num_classes": s.data.dataset.num_classes,
+        "family": family_of(s.module).to_dict(),  # normalisation, grid and ignore conventions
         "model": s.module.state_dict(),
         "optimizer": s.optimizer.state_dict(),
         "critic": s.holistic.critic.state_dict() if s.holistic is not None else None,
