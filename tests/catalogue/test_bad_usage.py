@@ -59,7 +59,7 @@ def _run_unchanged(world, script: str, args: tuple[str, ...]) -> tuple[int, str,
 USAGE = [
     ("skdcache", ("build", "--bogus-flag"), "No such option: --bogus-flag"),
     ("skdcache", ("info",), "Missing argument"),
-    ("skdcache", ("build", "--data", "{data}", "--out", "{root}/x.zarr"), "Missing option '--teacher'"),
+    ("skdcache", ("build", "--teacher", "psp_tiny", "--out", "{root}/x.zarr"), "Missing option '--data'"),
     (
         "skdcache",
         ("build", "--teacher", "psp_tiny", "--data", "{data}", "--out", "{root}/x.zarr", "--views", "four"),
@@ -127,6 +127,8 @@ VALUES = [
     ("skdcache", ("sample-data", "{root}/d", "--size", "64xx"), ("--size", "HxW")),
     ("skdcache", ("sample-data", "/proc/d"), ("/proc",)),
     ("skdcache", ("demo", "--preset", "huge", "--out", "{root}/demo"), ("--preset", "full or smoke")),
+    # no teacher at all: neither --weights (whose model is recognised) nor a --teacher name
+    ("skdcache", ("build", "--data", "{data}", "--out", "{root}/x.zarr"), ("--weights FILE", "--teacher NAME")),
 ]
 
 
