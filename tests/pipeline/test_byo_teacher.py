@@ -290,6 +290,53 @@ def test_skd_student_trains_from_an_mmseg_teacher_cache(sample_root, tmp_path, c
         assert key in result.last and np.isfinite(result.last[key])
 
 
+_FAMILY_MINIS = {"skd": "psp18_mini", "mmseg": "mmseg_psp_r18_mini", "cirkd": "cirkd_deeplabv3_r18_mini"}
+
+
+@pytest.fixture(scope="module")
+def family_caches(sample_root, tmp_path_factory):
+    """One small dense cache per family's teacher (random weights: the geometry is what is tested)."""
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("family-caches")
+    urls = {}
+    for family, teacher in _FAMILY_MINIS.items():
+        urls[family] = str(root / f"{family}.zarr")
+        argv = ["build", "--teacher", teacher, "--random-weights", "--data", str(sample_root), "--out", urls[family]]
+        try:
+            main([*argv, "--loader-workers", "0", "--features-block", "1x1"])
+        except SystemExit as exc:
+            assert not exc.code, f"building the {family} cache failed"
+    return urls
+
+
+@pytest.mark.parametrize("teacher_family", list(_FAMILY_MINIS))
+@pytest.mark.parametrize("student_family", list(_FAMILY_MINIS))
+def test_students_of_each_family_train_from_each_familys_cache(
+    teacher_family, student_family, family_caches, sample_root, tmp_path
+):
+    from student.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=str(sample_root),
+        out=str(tmp_path / "run"),
+        student=_FAMILY_MINIS[student_family],
+        cache=family_caches[teacher_family],
+        losses=("pixel", "pair", "kd", "ifvd"),
+        pixel_mode="kl",
+        iters=2,
+        batch_size=2,
+        crop=(64, 64),
+        workers=0,
+        eval_split="none",
+        log_every=1,
+    )
+    result = train(cfg)
+    assert result.steps == 2
+    for key in ("task", "pixel", "pair", "kd", "ifvd"):
+        assert key in result.last and np.isfinite(result.last[key]), (key, result.last)
+
+
 def test_dense_mmseg_map_replayed_on_an_skd_students_view(sample_root, tmp_path, capsys):
     from pipeline.views import sample_view
 
