@@ -238,6 +238,8 @@ def load_official_critic(critic: Critic, path: str | os.PathLike) -> Critic:
     """
     from pipeline.checkpoint_io import load_torch_file
 
+    if not os.path.isfile(path):
+        raise WeightsError(f"critic checkpoint {path} does not exist")
     sd = official_critic_state_dict(load_torch_file(path).obj)
     try:
         critic.load_state_dict(sd, strict=True)

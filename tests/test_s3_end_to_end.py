@@ -12,6 +12,7 @@ from tests.cli import run_cli as run
 from tests.s3 import moto_s3
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 @pytest.mark.timeout(600)
 def test_build_info_verify_train_over_s3(sample_root, tmp_path, capsys, monkeypatch):

@@ -140,6 +140,7 @@ def test_nan_pretrained_backbone_is_refused_before_training(sample_root, tmp_pat
     assert all(_snapshot(out)[k] == v for k, v in before.items()) and not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_overflowing_online_teacher_outputs_are_blamed_on_the_teacher(sample_root, tmp_path, capsys):
     out = tmp_path / "run"
     path = tmp_path / "huge.safetensors"
@@ -166,6 +167,7 @@ def test_nan_teacher_targets_from_a_cache(sample_root, nan_cache, tmp_path, caps
     assert _snapshot(nan_cache) == cache_before
 
 
+@pytest.mark.slow
 def test_critic_blow_up_is_blamed_on_the_critic(sample_root, tmp_path, capsys):
     out = tmp_path / "run"
     argv = _train(sample_root, out, "--teacher", "psp_tiny", "--weights", _finite_teacher(tmp_path), "--iters", "4")

@@ -124,6 +124,7 @@ def test_codec_and_pca_options(sample_root, tmp_path):
     assert "pair_cos_err_max" in r.schema.fidelity
 
 
+@pytest.mark.slow
 def test_slide_inference_with_a_tile_covering_the_image_equals_whole(sample_root, tmp_path):
     build_cache(_config(sample_root, tmp_path / "w.zarr", logits_codec="fp32", features_codec="fp32"))
     build_cache(

@@ -52,6 +52,7 @@ def _data_files(root: Path) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigkill_mid_build_then_resume_gives_identical_bytes(tmp_path):
     data = tmp_path / "data"

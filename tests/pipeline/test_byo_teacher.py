@@ -268,6 +268,7 @@ def _family(model: nn.Module) -> str:
     return getattr(model, "family", "skd")
 
 
+@pytest.mark.slow
 def test_skd_student_trains_from_an_mmseg_teacher_cache(sample_root, tmp_path, capsys):
     from student.train import TrainConfig, train
 

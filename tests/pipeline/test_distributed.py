@@ -49,6 +49,7 @@ def _same_arrays(a_url, b_url):
         np.testing.assert_array_equal(a[p][...], b[p][...], err_msg=p)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_workers_write_the_same_bytes_as_one(data, tmp_path):
     build_cache(_cfg(data, tmp_path / "single.zarr"))
@@ -60,6 +61,7 @@ def test_two_workers_write_the_same_bytes_as_one(data, tmp_path):
     _same_arrays(tmp_path / "one.zarr", tmp_path / "two.zarr")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_killed_worker_loses_nothing(data, tmp_path):
     build_cache(_cfg(data, tmp_path / "reference.zarr"))

@@ -303,6 +303,7 @@ def test_one_step_replays_the_official_code_in_float32(tmp_path, grid):
     assert max(errs.values()) < 1e-4, errs
 
 
+@pytest.mark.slow
 def test_the_replay_tells_the_uv_semantics_apart(tmp_path):
     """The comparison is sensitive: per-call u/v move the critic's weight gradients by ~0.2–0.7 %, 1000×
     the float32 agreement above, and a per-call replay of the official code matches them again."""

@@ -13,6 +13,7 @@ from pipeline.build import BuildConfig, build_cache
 from student.checkpoint import load_checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_process_training_from_a_cache(sample_root, tmp_path):
     cache = str(tmp_path / "c.zarr")

@@ -64,6 +64,7 @@ def test_online_teacher_and_task_only(sample_root, tmp_path):
     assert set(alone.last) == {"lr", "task", "loss"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_equals_an_uninterrupted_run(sample_root, caches, tmp_path, workers):
     cache = str(caches / "dense.zarr")
@@ -310,6 +311,7 @@ def _fake_eval(mious):
     return evaluate
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_best_checkpoint_unless_it_is_beaten(sample_root, tmp_path, monkeypatch):
     import student.train as train_module
 

@@ -193,6 +193,7 @@ def test_distillation_alone_trains_on_unlabelled_images_and_task_only_is_refused
     assert not (tmp_path / "r3" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_a_run_on_the_mix_resumes_exactly(mixed, tmp_path):
     from student.checkpoint import load_checkpoint
 
