@@ -424,16 +424,9 @@ def converted_shapes(rec: Recognition, s: Shapes) -> Shapes:
     """The file's shapes under the names the model uses (official SKD renaming, no ``fc``)."""
     if rec.layout != "skd-official":
         return dict(s)
-    out: Shapes = {}
-    for k, v in s.items():
-        if k.split(".", 1)[0] == "fc":
-            continue
-        if k.startswith("head.0."):
-            k = "pspmodule." + k[len("head.0.") :]
-        elif k.startswith("head.1."):
-            k = "head." + k[len("head.1.") :]
-        out[k] = v
-    return out
+    from .teachers import official_key
+
+    return {official_key(k): v for k, v in s.items() if official_key(k) is not None}
 
 
 def compare(model: Shapes, file: Shapes) -> tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]:

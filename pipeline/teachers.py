@@ -514,6 +514,17 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> str:
     return "official" if has_bn and not has_nbt else "skd"
 
 
+def official_key(key: str) -> str | None:
+    """The name of an official SKD / toolbox key in this project's PSPNet, or None for ``fc.*`` (dropped)."""
+    if key.split(".", 1)[0] == "fc":
+        return None
+    if key.startswith("head.0."):
+        return "pspmodule." + key[len("head.0.") :]
+    if key.startswith("head.1."):
+        return "head." + key[len("head.1.") :]
+    return key
+
+
 def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Official SKD / toolbox layout -> this project's (skd_spec §1.3).
 
@@ -523,13 +534,9 @@ def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, T
     """
     out: dict[str, Tensor] = {}
     for k, v in state_dict.items():
-        if k.split(".", 1)[0] == "fc":
-            continue
-        if k.startswith("head.0."):
-            k = "pspmodule." + k[len("head.0.") :]
-        elif k.startswith("head.1."):
-            k = "head." + k[len("head.1.") :]
-        out[k] = v
+        name = official_key(k)
+        if name is not None:
+            out[name] = v
     for k in [k for k in out if k.endswith(".running_var")]:
         prefix = k[: -len("running_var")]
         if prefix + "weight" in out:

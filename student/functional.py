@@ -444,10 +444,7 @@ def channel_wise_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     Returns:
         Scalar loss.
     """
-    _check_temperature(temperature)
-    _check_logits(student_logits, teacher_logits)
-    student = _fp32(align_to(student_logits, teacher_logits.shape))
-    teacher = _fp32(teacher_logits.detach())
+    student, teacher = _tempered_pair(student_logits, teacher_logits, temperature)
     b, k = teacher.shape[:2]
     log_p_s = torch.log_softmax(student.reshape(b, k, -1) / temperature, dim=-1)  # (B, K, H·W)
     log_p_t = torch.log_softmax(teacher.reshape(b, k, -1) / temperature, dim=-1)
@@ -491,10 +488,7 @@ def dist_loss(
     Returns:
         Scalar loss.
     """
-    _check_temperature(temperature)
-    _check_logits(student_logits, teacher_logits)
-    student = _fp32(align_to(student_logits, teacher_logits.shape))
-    teacher = _fp32(teacher_logits.detach())
+    student, teacher = _tempered_pair(student_logits, teacher_logits, temperature)
     k = teacher.shape[1]
     y_s = torch.softmax(student / temperature, dim=1).permute(0, 2, 3, 1).reshape(-1, k)  # (B·H·W, K)
     y_t = torch.softmax(teacher / temperature, dim=1).permute(0, 2, 3, 1).reshape(-1, k)
@@ -546,6 +540,13 @@ def ifvd_loss(student_feature: Tensor, teacher_feature: Tensor, label: Tensor, n
     cos_s = F.cosine_similarity(student, _class_centres(student, lab, num_classes), dim=1)
     cos_t = F.cosine_similarity(teacher, _class_centres(teacher, lab, num_classes), dim=1)
     return F.mse_loss(cos_s, cos_t)
+
+
+def _tempered_pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Checked (student on the teacher grid, detached teacher) logits in float32 for a tempered loss."""
+    _check_temperature(temperature)
+    _check_logits(student_logits, teacher_logits)
+    return _fp32(align_to(student_logits, teacher_logits.shape)), _fp32(teacher_logits.detach())
 
 
 def _check_temperature(temperature: float) -> None:
