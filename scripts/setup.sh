@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PIP=("$PY" -m pip --disable-pip-version-check)
+# pip 23's resolver (what python 3.11's venv brings) backtracks for many minutes over the boto3 /
+# botocore / aiobotocore pins of the S3 extras; pip 24+ resolves the same set in seconds
+"${PIP[@]}" install --quiet --root-user-action=ignore --upgrade "pip>=24"
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "${PIP[@]}" install --quiet --root-user-action=ignore "torch==2.13.0"
 fi
