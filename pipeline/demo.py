@@ -62,7 +62,7 @@ class DemoPreset:
 
 
 PRESETS = {
-    # ~8-9 minutes on 2 idle CPU cores (docs/benchmarks.md section 7)
+    # ~1,400 CPU s: 7-12 min on 2 idle CPU cores, estimated (docs/benchmarks.md section 7)
     "full": DemoPreset(
         160, 40, "128x256", "128x128", "psp34_mini", "psp18_mini", 300, 8, 0.02, (0, 1, 2), (0,), "psp34_mini_sample"
     ),
