@@ -397,8 +397,6 @@ class SegTrainData(Dataset):
         if self.mode == "views":
             sample = self._views_sample(draw, n, rng)
             sample.labelled = bool(self.labelled[n])
-            if self.need_feature:
-                sample.teacher_feature = self._views_feature(n)
             return sample
         image_idx = self._cache_image[n] if self.mode == "dense" else None
         x, y = self._load(n, image_idx)
@@ -406,10 +404,7 @@ class SegTrainData(Dataset):
         crop, label = apply_view(x, y, view)
         logits = nodes = feature = None
         if self.mode == "dense":
-            if self.need_logits or self.pair is not None:
-                logits, nodes = self._dense_targets(image_idx, view, tuple(x.shape[1:]))
-            if self.need_feature:
-                feature = self._dense_feature(image_idx, view, tuple(x.shape[1:]))
+            logits, nodes, feature = self._dense_targets(image_idx, view, tuple(x.shape[1:]))
         jittered = self._jitter(crop, rng)
         # no cache: an online teacher runs on this crop, and must see it as a cache's teacher would
         clean = crop if self.mode == "none" and jittered is not crop else None
@@ -417,25 +412,18 @@ class SegTrainData(Dataset):
             jittered, label, logits, nodes, self.teacher_grid, draw, clean, bool(self.labelled[n]), feature
         )
 
-    def _dense_feature(self, image: int, view: View, size: tuple[int, int]) -> Tensor:
-        """The stored full feature map (block 1x1) resampled at the view's grid nodes, as the logits are."""
-        reader = self._open()
-        s = reader.schema
-        use_flipped = view.flip and s.entries_per_image == 2
-        entry = reader.read_entry(image * s.entries_per_image + (1 if use_flipped else 0))
-        gy, gx = self._target_coords(view, size, entry.grid, use_flipped)
-        return resample_map(torch.from_numpy(entry.feature), gy, gx, valid=entry.grid)
-
-    def _views_feature(self, n: int) -> Tensor:
+    def _views_feature(self, entry) -> Tensor:
         """A stored view's full feature map (at block 1x1 the cells are the map), on the grid its logits use."""
-        entry = self._open().read_entry(self._entries[n])
         if self._resample_views:  # another student convention: resampled at its nodes, as the logits are
             gy, gx = self._target_coords(View.identity(0, self.crop), self.crop, entry.grid)
             return resample_map(torch.from_numpy(entry.feature), gy, gx, valid=entry.grid)
         gh, gw = entry.grid
         return torch.from_numpy(np.ascontiguousarray(entry.feature[:, :gh, :gw])).float()
 
-    def _dense_targets(self, image: int, view: View, size: tuple[int, int]) -> tuple[Tensor | None, Tensor | None]:
+    def _dense_targets(
+        self, image: int, view: View, size: tuple[int, int]
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(logits, pair-wise nodes, full feature map) of the view, from ONE read of its entry."""
         reader = self._open()
         s = reader.schema
         use_flipped = view.flip and s.entries_per_image == 2
@@ -455,7 +443,9 @@ class SegTrainData(Dataset):
                 layout.pool,  # type: ignore[union-attr]
                 valid=grid,
             )
-        return logits, nodes
+        # the full map (block 1x1), resampled at the view's grid nodes as the logits are
+        feature = resample_map(torch.from_numpy(entry.feature), gy, gx, valid=grid) if self.need_feature else None
+        return logits, nodes, feature
 
     def _views_sample(self, draw: int, n: int, rng: np.random.Generator) -> TrainSample:
         reader = self._open()
@@ -464,10 +454,16 @@ class SegTrainData(Dataset):
         record = self._record_of_image[entry.image_index]
         x, y = self._load(record, entry.image_index)
         crop, label = apply_view(x, y, entry.view)
+        feature = self._views_feature(entry) if self.need_feature else None
         if self._resample_views:
             # the teacher ran on this very crop: its map is resampled at the student's nodes of the crop
             return TrainSample(
-                self._jitter(crop, rng), label, *self._resampled_view(reader, entry), self.teacher_grid, draw
+                self._jitter(crop, rng),
+                label,
+                *self._resampled_view(reader, entry),
+                self.teacher_grid,
+                draw,
+                teacher_feature=feature,
             )
         logits = torch.from_numpy(entry.logits) if self.need_logits else None
         nodes = None
@@ -477,7 +473,7 @@ class SegTrainData(Dataset):
             nodes = torch.from_numpy(
                 compose_nodes(cells, layout.block, entry.grid, self.pair.kernel(entry.grid), layout.pool)  # type: ignore[union-attr]
             )
-        return TrainSample(self._jitter(crop, rng), label, logits, nodes, entry.grid, draw)
+        return TrainSample(self._jitter(crop, rng), label, logits, nodes, entry.grid, draw, teacher_feature=feature)
 
     def _resampled_view(self, reader: CacheReader, entry) -> tuple[Tensor | None, Tensor | None]:
         """A stored view's targets on the student's grid: logits resampled, nodes gathered over the same regions."""
