@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cache_tools.clikit import start_workers
 from cache_tools.codecs import FeatureCodec, LogitCodec, fit_pca, parse_feature_codec
 from cache_tools.datasets import SegDataset, open_dataset
 from cache_tools.errors import ConfigError, ConfigMismatchError, DatasetError, ModelError, SchemaError, SkdError
@@ -930,7 +931,7 @@ def _run_pipeline(
     teacher_seconds = 0.0
     done = 0
     try:
-        for batch in loader:
+        for batch in start_workers(loader):
             if isinstance(batch, _WorkerFailure):
                 raise batch.cls(batch.message)
             if sink.error is not None:

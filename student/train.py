@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from cache_tools.clikit import start_workers
 from cache_tools.datasets import open_dataset
 from cache_tools.errors import CacheWriteError, ConfigError, DatasetError, SkdError, WeightsError
 from cache_tools.options import MAX_SEED, MAX_SIDE, check_options, option
@@ -1064,7 +1065,7 @@ def _train(cfg: TrainConfig, env: DistEnv, progress) -> TrainResult:
         with _writing(s.out / "config.json", s.out):
             (s.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     loader = _loader(s, start)
-    batches = iter(loader)
+    batches = start_workers(loader)
     run = _Run(s, progress, start, _best_so_far(s, best) if cfg.resume else best)
     metrics: dict[str, Tensor | float] = {}
     try:

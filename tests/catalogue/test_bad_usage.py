@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -223,6 +224,44 @@ def test_verbose_shows_the_traceback_and_plain_runs_do_not(world):
     assert err.strip().splitlines()[-1].startswith("error: --workers")
     code, _, err = _run_unchanged(world, "skdcache", args)
     assert_one_line(code, err, "--workers")
+
+
+_WORKER_MASK = """
+import os, signal, torch
+from pathlib import Path
+from cache_tools.clikit import start_workers
+
+class SignalMask(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        status = Path(f"/proc/{os.getpid()}/status").read_text()
+        return next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigBlk"))
+
+if __name__ == "__main__":
+    loader = torch.utils.data.DataLoader(SignalMask(), num_workers=1, multiprocessing_context="forkserver")
+    batches = start_workers(loader)
+    parent = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    (mask,) = next(batches).tolist()
+    print(parent, bool(mask & (1 << (signal.SIGINT - 1))))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask from /proc")
+def test_loader_workers_are_born_deaf_to_ctrl_c(tmp_path):
+    """A Ctrl-C reaching a worker still importing ``site`` printed "Fatal Python error" and a traceback.
+
+    The forkserver and the workers start with SIGINT blocked; the parent keeps receiving it. (A fresh
+    process: a forkserver started earlier without the shield would hand its own mask to the workers.)
+    """
+    script = tmp_path / "mask.py"
+    script.write_text(_WORKER_MASK)
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"], done.stdout
 
 
 @pytest.mark.slow
