@@ -37,21 +37,30 @@ SKD = ["--losses", "pixel,pair,holistic", "--pixel-mode", "kl", "--lambda-pi", "
 METHODS = {"none": ["--losses", "none"], "kd": ["--losses", "kd"], "cwd": ["--losses", "cwd"]}
 METHODS |= {"dist": ["--losses", "dist"], "ifvd": ["--losses", "ifvd"], "skd": SKD}
 SOURCES = ("dense", "views", "online")
+SHIPPED = Path(__file__).resolve().parents[1] / "pipeline" / "demo_assets" / "psp34_mini_sample.safetensors"
 
 
-def prepare(args) -> tuple[Path, Path, dict[str, list[str]]]:
-    """The data (with its unlabelled split), the teacher and the two caches; each made once and reused."""
+def prepare(args) -> tuple[Path, float, dict[str, list[str]]]:
+    """The data (with its unlabelled split), the teacher (and its mIoU) and the two caches; each made once."""
     data = ROOT / f"data-extra{args.extra}"
     if not data.exists():
         write_sample_dataset(data, num_train=160, num_val=40, size=(128, 256), seed=0, num_extra=args.extra)
-    teacher = ROOT / f"teacher-{args.teacher_iters}"
-    weights = teacher / "model.safetensors"
-    if not weights.exists():
-        cli(
-            "skdstudent", "train", "--data", str(data), "--out", str(teacher), "--student", "psp34_mini",
-            "--losses", "none", "--iters", str(args.teacher_iters), "--batch-size", "8", "--crop", "128x128",
-            "--lr", "0.02", "--workers", str(args.workers),
-        )  # fmt: skip
+    if args.teacher_iters:  # train a teacher here
+        teacher = ROOT / f"teacher-{args.teacher_iters}"
+        weights = teacher / "model.safetensors"
+        if not weights.exists():
+            cli(
+                "skdstudent", "train", "--data", str(data), "--out", str(teacher), "--student", "psp34_mini",
+                "--losses", "none", "--iters", str(args.teacher_iters), "--batch-size", "8", "--crop", "128x128",
+                "--lr", "0.02", "--workers", str(args.workers),
+            )  # fmt: skip
+    else:  # the demo's shipped teacher, trained on exactly these 160 images (benchmarks/demo_teacher.py)
+        teacher = ROOT / "teacher-shipped"
+        teacher.mkdir(parents=True, exist_ok=True)
+        weights = SHIPPED
+    if not (teacher / "eval.json").exists():
+        r = cli("skdstudent", "eval", "--checkpoint", str(weights), "--data", str(data), "--split", "val")
+        (teacher / "eval.json").write_text(json.dumps({"miou": r["miou"]}))
     common = ["--teacher", "psp34_mini", "--weights", str(weights), "--data", str(data)]
     common += ["--split", "train,train_extra" if args.extra else "train", "--features-block", "1x1"]
     dense, views = teacher / "dense.zarr", teacher / f"views{args.views}.zarr"
@@ -65,7 +74,7 @@ def prepare(args) -> tuple[Path, Path, dict[str, list[str]]]:
         "views": ["--cache", str(views)],
         "online": ["--teacher", "psp34_mini", "--weights", str(weights)],
     }
-    return data, weights, sources
+    return data, json.loads((teacher / "eval.json").read_text())["miou"], sources
 
 
 def settings(args, sources: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -107,7 +116,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--iters", type=int, default=300, help="student iterations")
-    ap.add_argument("--teacher-iters", type=int, default=1500)
+    ap.add_argument(
+        "--teacher-iters", type=int, default=0, help="train a teacher for N iterations (0: the shipped one)"
+    )
     ap.add_argument("--methods", default="none,kd,cwd,dist,ifvd,skd")
     ap.add_argument("--sources", default="dense,views,online")
     ap.add_argument("--unlabelled-methods", default="skd,kd")
@@ -122,8 +133,7 @@ def main() -> None:
         args.sources = list(dict.fromkeys([*args.sources, "dense"]))
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
-    data, weights, sources = prepare(args)
-    teacher_miou = json.loads((weights.parent / "eval.json").read_text())["miou"]
+    data, teacher_miou, sources = prepare(args)
     rows = settings(args, sources)
     results: dict[str, list[float]] = {name: [] for name in rows}
     seconds: dict[str, list[float]] = {name: [] for name in rows}
@@ -133,7 +143,8 @@ def main() -> None:
             results[name].append(miou)
             seconds[name].append(secs)
             print(f"seed {seed}  {name:34s} mIoU {100 * miou:6.2f}  ({secs:.0f} s)", flush=True)
-    print(f"\nteacher psp34_mini ({args.teacher_iters} it): {100 * teacher_miou:.2f} mIoU")
+    made = f"{args.teacher_iters} it" if args.teacher_iters else "shipped demo teacher"
+    print(f"\nteacher psp34_mini ({made}): {100 * teacher_miou:.2f} mIoU")
     print("| setting | mIoU mean | std | per seed |\n|---|---|---|---|")
     for name, vals in results.items():
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
