@@ -24,7 +24,7 @@ import time
 import torch
 from common import OUT, cli, median_time, save
 
-from pipeline.teachers import create_model
+from pipeline.registry import create_model
 
 DATA = OUT / "quality" / "data"
 TEACHER = OUT / "quality" / "teacher" / "model.safetensors"

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 
 from cache_tools.datasets import write_sample_dataset
 from pipeline.build import BuildConfig, build_cache
-from pipeline.teachers import create_model, save_weights
+from pipeline.registry import create_model
+from pipeline.weights import save_weights
 from student.data import DrawSampler, PairSpec, SegTrainData, collate_samples
 from student.train import TrainConfig, train
 

@@ -366,7 +366,8 @@ GRID_CONVENTIONS = ("8k+1", "8k")
 
 @dataclass(frozen=True)
 class TeacherStamp:
-    """Where the targets came from (mirrors ``pipeline.teachers.TeacherInfo``)."""
+    """Where the targets came from: the one provenance type of a model (``pipeline.teachers.create_teacher``
+    makes it as ``Teacher.info``; stores write it under ``teacher``)."""
 
     name: str
     architecture: str

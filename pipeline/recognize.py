@@ -29,7 +29,6 @@ model's backbone from any file whose stem, depth and width match it, and refuse 
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import re
 from collections import Counter
@@ -41,10 +40,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import pipeline.families  # noqa: F401  (registers the mmseg and cirkd models)
 from cache_tools.errors import ModelError, SkdError, WeightsError
 from pipeline.checkpoint_io import sniff
-from pipeline.teachers import ABN_EPS, create_model, list_models, read_state_dict
+from pipeline.registry import create_model, list_models
+from pipeline.teachers import Teacher, create_teacher
+from pipeline.weights import ABN_EPS, official_key, read_state_dict
 
 __all__ = [
     "BackboneReport",
@@ -53,6 +53,7 @@ __all__ = [
     "check_fits",
     "describe_weights_file",
     "load_backbone",
+    "load_teacher",
     "recognize_file",
     "recognize_state_dict",
     "resolve_teacher",
@@ -92,11 +93,6 @@ _ARCH_WORDS = {"pspnet": "PSPNet", "deeplabv3": "DeepLabV3", "backbone": "backbo
 _BOOKKEEPING = ".num_batches_tracked"
 
 Shapes = dict[str, tuple[int, ...]]
-
-
-def _ensure_families() -> None:
-    # the mmseg / cirkd models register themselves on import; re-imported if a test unregistered them
-    importlib.import_module("pipeline.families")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,7 +344,7 @@ def recognize_state_dict(
     """Recognise a state dict (values: tensors, or anything with a ``shape``: meta tensors work).
 
     Args:
-        sd: the state dict as :func:`pipeline.teachers.read_state_dict` returns it.
+        sd: the state dict as :func:`pipeline.weights.read_state_dict` returns it.
         metadata: that reader's metadata (``model_name`` of skd's own files).
         verify: find the registered model and check every key and shape against it (built on the
             meta device); without it ``model_name`` stays None.
@@ -416,7 +412,6 @@ def _model_shapes_cached(name: str, num_classes: int, kwargs: tuple) -> tuple[tu
 
 def model_shapes(name: str, num_classes: int = 19, **kwargs: Any) -> Shapes:
     """Key -> shape of a registered model, built on the meta device (cached)."""
-    _ensure_families()
     return dict(_model_shapes_cached(name, int(num_classes), tuple(sorted(kwargs.items()))))
 
 
@@ -424,8 +419,6 @@ def converted_shapes(rec: Recognition, s: Shapes) -> Shapes:
     """The file's shapes under the names the model uses (official SKD renaming, no ``fc``)."""
     if rec.layout != "skd-official":
         return dict(s)
-    from .teachers import official_key
-
     return {official_key(k): v for k, v in s.items() if official_key(k) is not None}
 
 
@@ -466,7 +459,6 @@ def _fit(name: str, rec: Recognition, file: Shapes, kwargs: dict) -> tuple[list,
 
 def _verify(rec: Recognition, s: Shapes) -> Recognition:
     file = converted_shapes(rec, s)
-    _ensure_families()
     registered = {e.name for e in list_models()}
     names = [n for n in (rec.metadata_name, derived_name(rec)) if n and n in registered]
     if not names and rec.architecture == "unknown":
@@ -532,10 +524,38 @@ def resolve_teacher(
             does not fit, or a class count other than the dataset's.
     """
     if weights is None:
+        return _resolve(None, None, teacher, num_classes)
+    rec, _, _ = recognize_file(weights)
+    return _resolve(rec, weights, teacher, num_classes)
+
+
+def load_teacher(
+    weights: str | os.PathLike | None, teacher: str | None, num_classes: int, **create_kwargs: Any
+) -> tuple[Teacher, str, Recognition | None]:
+    """:func:`resolve_teacher`, then :func:`~pipeline.teachers.create_teacher`, reading ``weights`` once.
+
+    Returns ``(teacher, the name it was built under, recognition of --weights or None)``;
+    ``create_kwargs`` go to ``create_teacher`` (``random_weights``, ``seed``, ``weights_format``, ``device``).
+
+    Raises:
+        ModelError, WeightsError: as :func:`resolve_teacher` and ``create_teacher``.
+    """
+    file = read_state_dict(weights) if weights is not None else None
+    rec = recognize_state_dict(file.state_dict, file.metadata) if file is not None else None
+    name, model_kwargs, rec = _resolve(rec, weights, teacher, num_classes)
+    built = create_teacher(
+        name, num_classes=num_classes, weights=weights, state_dict=file, **create_kwargs, **model_kwargs
+    )
+    return built, name, rec
+
+
+def _resolve(
+    rec: Recognition | None, weights: str | os.PathLike | None, teacher: str | None, num_classes: int
+) -> tuple[str, dict, Recognition | None]:
+    if rec is None:  # no --weights: --random-weights with a --teacher
         if teacher is None:
             raise ModelError("give --weights FILE (its model is recognised), or --teacher NAME with --random-weights")
         return teacher, {}, None
-    rec, _, _ = recognize_file(weights)
     if teacher is not None:
         check_fits(rec, teacher, path=weights)
     elif rec.model_name is None:
@@ -675,7 +695,7 @@ class BackboneReport:
 
 
 def _abn_to_bn(sd: Mapping[str, Tensor], keys: list[str]) -> dict[str, Tensor]:
-    # InPlace-ABN stores w' with |w'| + eps = the BN weight (teachers.convert_official_state_dict)
+    # InPlace-ABN stores w' with |w'| + eps = the BN weight (weights.convert_official_state_dict)
     out = {}
     for k in keys:
         v = sd[k]
@@ -753,7 +773,6 @@ _FORMATS = {
 
 def _backbone_targets(rec: Recognition) -> list[str]:
     """Registered models whose whole backbone this file initialises (checked on the meta device)."""
-    _ensure_families()
     fits = []
     for name in _candidate_names(rec):
         try:

@@ -172,7 +172,7 @@ def student_convention(
         return True, lambda crop: (grid_size(crop[0]), grid_size(crop[1]))
     from .families import family_of
     from .inference import output_grid
-    from .teachers import create_model
+    from .registry import create_model
 
     if isinstance(student, str):
         with torch.device("meta"):

@@ -18,7 +18,8 @@ from torch import nn
 
 from cache_tools.errors import CacheWriteError, WeightsError
 from pipeline.checkpoint_io import load_torch_file, sniff
-from pipeline.teachers import create_model, load_weights, read_state_dict
+from pipeline.registry import create_model
+from pipeline.weights import load_weights, read_state_dict
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -135,8 +136,10 @@ def load_model(path: str | os.PathLike, *, model_name: str | None = None, num_cl
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"checkpoint {p} does not exist" if not p.exists() else f"checkpoint {p} is not a file")
+    file = None  # a safetensors file is read once: for its metadata here, for its tensors below
     if p.suffix == ".safetensors" or sniff(p) == "safetensors":
-        _, meta, _ = read_state_dict(p)
+        file = read_state_dict(p)
+        meta = file.metadata
         name = model_name or meta.get("model_name")
         k = num_classes or (int(json.loads(meta["num_classes"])) if "num_classes" in meta else None)
     else:
@@ -146,7 +149,7 @@ def load_model(path: str | os.PathLike, *, model_name: str | None = None, num_cl
     if not name or not k:
         raise WeightsError(f"{p} does not say which model it holds; pass --model NAME and --num-classes K")
     model = create_model(str(name), num_classes=int(k))
-    load_weights(model, p, weights_format="skd", strict=True)
+    load_weights(model, p, weights_format="skd", strict=True, state_dict=file)
     bad = first_nonfinite(model.state_dict())
     if bad is not None:
         raise WeightsError(f"{p} holds non-finite values (NaN/inf) in {bad}: it is not a usable model")

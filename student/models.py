@@ -1,4 +1,4 @@
-"""Students: one small factory over the project's single model registry (``pipeline.teachers``).
+"""Students: one small factory over the project's single model registry (:mod:`pipeline.registry`).
 
 Every architecture is defined once in ``pipeline/models`` and registered there, so a student trained
 here can later be loaded as a teacher by name (``skdcache build --teacher psp18 --weights run/model.safetensors``).
@@ -11,7 +11,7 @@ import os
 
 from torch import nn
 
-from pipeline.teachers import ModelEntry, create_model, list_models
+from pipeline.registry import ModelEntry, create_model, list_models
 
 __all__ = ["create_student", "list_students"]
 

@@ -67,7 +67,8 @@ def test_teacher_asset_for_other_model_or_data_is_refused(tmp_path, overrides):
 
 
 def test_shipped_teacher_matches_its_provenance_and_loads_without_pickle():
-    from pipeline.teachers import create_model, load_weights
+    from pipeline.registry import create_model
+    from pipeline.weights import load_weights
 
     preset = PRESETS["full"]
     weights, prov = teacher_asset(preset)

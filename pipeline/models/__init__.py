@@ -1,15 +1,17 @@
 """Segmentation models. Each takes raw RGB pixels (0–255, NaN padding) and returns a ``SegOutput``.
 
-Register and create them through :mod:`pipeline.teachers` (the project's one model registry).
+Each architecture module registers its own names with :mod:`pipeline.registry` when imported (one
+module per architecture family: ``pspnet``, ``deeplab``, ``mobilenet``, ``mmseg``, ``cirkd``);
+importing this package registers them all. Create models with :func:`pipeline.registry.create_model`.
 """
 
+from pipeline.models import cirkd, mmseg  # noqa: F401  (register the mmseg_* and cirkd_* names)
 from pipeline.models.base import (
     CAFFE_BGR_MEAN,
     IMAGENET_NORM,
     OFFICIAL_NORM,
     InputNorm,
     InputNormSpec,
-    ModelSpec,
     SegModelMixin,
     SegOutput,
     as_norm_spec,
@@ -33,7 +35,6 @@ __all__ = [
     "InputNorm",
     "InputNormSpec",
     "MobileNetV2Backbone",
-    "ModelSpec",
     "PSPModule",
     "PSPNet",
     "SegModelMixin",

@@ -17,7 +17,6 @@ __all__ = [
     "grid_size",
     "OFFICIAL_NORM",
     "IMAGENET_NORM",
-    "ModelSpec",
     "SegModelMixin",
     "as_norm_spec",
 ]
@@ -120,32 +119,6 @@ def as_norm_spec(norm: InputNormSpec | str | dict) -> InputNormSpec:
     raise ValueError(f"unknown input normalisation {norm!r}; give 'official', 'imagenet' or an InputNormSpec")
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a model is, as stamped into stores and checkpoints."""
-
-    name: str
-    architecture: str  # e.g. "PSPNet(resnet101, psp_out=512, dsn)"
-    num_classes: int
-    feature_channels: int
-    normalization: InputNormSpec
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["normalization"] = self.normalization.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelSpec:
-        return cls(
-            name=str(d["name"]),
-            architecture=str(d["architecture"]),
-            num_classes=int(d["num_classes"]),
-            feature_channels=int(d["feature_channels"]),
-            normalization=InputNormSpec.from_dict(d["normalization"]),
-        )
-
-
 class SegModelMixin:
     """Attributes every project segmentation model carries.
 
@@ -153,7 +126,7 @@ class SegModelMixin:
     backbone's ``grid`` and ``backbone_prefixes`` win over the defaults here.
 
     A model sets ``self.input_norm`` (its first module), ``num_classes``, ``feature_channels`` and
-    ``architecture`` in its constructor; :func:`pipeline.teachers.create_model` stamps ``model_name``.
+    ``architecture`` in its constructor; :func:`pipeline.registry.create_model` stamps ``model_name``.
     ``backbone_prefixes`` lists the state-dict prefixes of the ImageNet-initialisable backbone.
     """
 
@@ -174,12 +147,3 @@ class SegModelMixin:
     @property
     def norm_spec(self) -> InputNormSpec:
         return self.input_norm.spec  # type: ignore[attr-defined]
-
-    def model_spec(self) -> ModelSpec:
-        return ModelSpec(
-            name=self.model_name or type(self).__name__,
-            architecture=self.architecture,
-            num_classes=self.num_classes,
-            feature_channels=self.feature_channels,
-            normalization=self.norm_spec,
-        )

@@ -29,6 +29,7 @@ CIRKD upsamples its logits with ``align_corners=True``; its label ignore value i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from pipeline.models.base import OFFICIAL_NORM, InputNorm, InputNormSpec, SegMod
 from pipeline.models.mmseg import DilatedBasicBlock, depth_name, downsample_for, grid_size_8k
 from pipeline.models.mobilenet import InvertedResidual, make_divisible
 from pipeline.models.resnet import Bottleneck, he_init, scale_channels
+from pipeline.registry import register_model
 
 __all__ = ["CIRKD_NORM", "CIRKDDeepLabV3", "CIRKDMobileNetV2", "CIRKDResNet", "Float64InputNorm"]
 
@@ -282,3 +284,36 @@ class CIRKDDeepLabV3(nn.Module, SegModelMixin):
         feature, logits = self.head(x4)
         aux = self.auxlayer(x3) if self.auxlayer is not None and self.training else None
         return SegOutput(logits, aux, feature)
+
+
+# ----------------------------------------------------------------------------------------------------
+# registered names (CIRKD's models/deeplabv3.py, models/deeplabv3_mobile.py)
+
+
+@register_model(
+    "cirkd_deeplabv3_r101",
+    description="CIRKD DeepLabV3-ResNet101 teacher (deep stem 64/64/128, ASPP 2048->512, aux; BGR mean, 8k grid)",
+    roles=("teacher",),
+)
+def cirkd_deeplabv3_r101(num_classes: int = 19, **kwargs: Any) -> CIRKDDeepLabV3:
+    return CIRKDDeepLabV3("resnet101", num_classes=num_classes, **kwargs)
+
+
+@register_model("cirkd_deeplabv3_r18", description="CIRKD DeepLabV3-ResNet18 (deep stem, ASPP 512->512, aux 256->64)")
+def cirkd_deeplabv3_r18(num_classes: int = 19, **kwargs: Any) -> CIRKDDeepLabV3:
+    return CIRKDDeepLabV3("resnet18", num_classes=num_classes, **kwargs)
+
+
+@register_model("cirkd_deeplabv3_mbv2", description="CIRKD DeepLabV3-MobileNetV2 (OS8 dilated, ASPP 320->128, no aux)")
+def cirkd_deeplabv3_mbv2(num_classes: int = 19, **kwargs: Any) -> CIRKDDeepLabV3:
+    return CIRKDDeepLabV3("mobilenetv2", num_classes=num_classes, **kwargs)
+
+
+@register_model("cirkd_deeplabv3_r18_mini", description="CPU model: CIRKD DeepLabV3-ResNet18 at width 1/4, head 32")
+def cirkd_deeplabv3_r18_mini(num_classes: int = 19, **kwargs: Any) -> CIRKDDeepLabV3:
+    return CIRKDDeepLabV3("resnet18", num_classes=num_classes, **{"width": 0.25, "head_channels": 32, **kwargs})
+
+
+@register_model("cirkd_deeplabv3_mbv2_mini", description="CPU model: CIRKD DeepLabV3-MobileNetV2 at width 1/2, head 32")
+def cirkd_deeplabv3_mbv2_mini(num_classes: int = 19, **kwargs: Any) -> CIRKDDeepLabV3:
+    return CIRKDDeepLabV3("mobilenetv2", num_classes=num_classes, **{"width": 0.5, "head_channels": 32, **kwargs})

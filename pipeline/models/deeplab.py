@@ -18,6 +18,7 @@ The ASPP / FCN pieces are shared with :mod:`pipeline.models.mobilenet`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from pipeline.models.base import OFFICIAL_NORM, InputNormSpec, SegModelMixin, SegOutput
 from pipeline.models.resnet import BasicBlock, Bottleneck, DeepStemResNet
+from pipeline.registry import register_model
 
 __all__ = ["ASPP", "DeepLabV3", "conv_bn_relu", "deeplab_bottleneck", "fcn_head"]
 
@@ -108,3 +110,17 @@ class DeepLabV3(DeepStemResNet, SegModelMixin):
         aux = self.dsn(x3) if self.dsn is not None and self.training else None
         feature = self.bottleneck(self.aspp(x4))
         return SegOutput(self.head(feature), aux, feature)
+
+
+# ----------------------------------------------------------------------------------------------------
+# registered names
+
+
+@register_model("deeplabv3_r18", description="DeepLabV3-ResNet18 (deep stem, OS8, ASPP 512->512, aux FCN on layer3)")
+def deeplabv3_r18(num_classes: int = 19, **kwargs: Any) -> DeepLabV3:
+    return DeepLabV3(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, **{"aspp_out": 512, **kwargs})
+
+
+@register_model("deeplabv3_r18_mini", description="CPU student: DeepLabV3, ResNet-18 layout at width 1/4, ASPP out 32")
+def deeplabv3_r18_mini(num_classes: int = 19, **kwargs: Any) -> DeepLabV3:
+    return DeepLabV3(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, **{"width": 0.25, "aspp_out": 32, **kwargs})

@@ -31,13 +31,15 @@ its ``Dropout2d`` (mmseg's ``_forward_feature`` in eval mode).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.models.base import IMAGENET_NORM, InputNorm, InputNormSpec, SegModelMixin, SegOutput, as_norm_spec
-from pipeline.models.resnet import he_init, scale_channels
+from pipeline.models.resnet import Bottleneck, he_init, scale_channels
+from pipeline.registry import register_model
 
 __all__ = [
     "MMSEG_NORM",
@@ -337,3 +339,71 @@ def init_mmseg_weights(model: nn.Module) -> None:
         if name.endswith("conv_seg"):
             nn.init.normal_(m.weight, std=0.01)
             nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# registered names (mmsegmentation's configs/{pspnet,deeplabv3}/*_r{18,50,101}-d8_*cityscapes*)
+
+_R101, _R50, _R18 = (Bottleneck, (3, 4, 23, 3)), (Bottleneck, (3, 4, 6, 3)), (DilatedBasicBlock, (2, 2, 2, 2))
+_WIDE = {"channels": 512, "aux_channels": 256}
+_R18_HEADS = {"channels": 128, "aux_channels": 64}
+_MINI = {"width": 0.25, "channels": 32, "aux_channels": 16}
+
+
+def _mmseg(arch, head: str, num_classes: int, defaults: dict, kwargs: dict[str, Any]) -> MMSegEncoderDecoder:
+    block, layers = arch
+    return MMSegEncoderDecoder(block, layers, head=head, num_classes=num_classes, **{**defaults, **kwargs})
+
+
+@register_model(
+    "mmseg_psp_r101",
+    description="mmseg PSPNet R101-d8 (ResNetV1c, PSP 2048->512, aux FCN 1024->256; RGB mean/std, 8k grid)",
+    roles=("teacher",),
+)
+def mmseg_psp_r101(num_classes: int = 19, **kwargs: Any) -> MMSegEncoderDecoder:
+    return _mmseg(_R101, "psp", num_classes, _WIDE, kwargs)
+
+
+@register_model(
+    "mmseg_psp_r50", description="mmseg PSPNet R50-d8 (ResNetV1c, PSP 2048->512, aux FCN)", roles=("teacher",)
+)
+def mmseg_psp_r50(num_classes: int = 19, **kwargs: Any) -> MMSegEncoderDecoder:
+    return _mmseg(_R50, "psp", num_classes, _WIDE, kwargs)
+
+
+@register_model(
+    "mmseg_deeplabv3_r101",
+    description="mmseg DeepLabV3 R101-d8 (ResNetV1c, ASPP 1/12/24/36 2048->512, aux FCN 1024->256)",
+    roles=("teacher",),
+)
+def mmseg_deeplabv3_r101(num_classes: int = 19, **kwargs: Any) -> MMSegEncoderDecoder:
+    return _mmseg(_R101, "aspp", num_classes, _WIDE, kwargs)
+
+
+@register_model(
+    "mmseg_deeplabv3_r50", description="mmseg DeepLabV3 R50-d8 (ResNetV1c, ASPP 2048->512, aux FCN)", roles=("teacher",)
+)
+def mmseg_deeplabv3_r50(num_classes: int = 19, **kwargs: Any) -> MMSegEncoderDecoder:
+    return _mmseg(_R50, "aspp", num_classes, _WIDE, kwargs)
+
+
+@register_model("mmseg_psp_r18", description="mmseg PSPNet R18-d8 (ResNetV1c, PSP 512->128, aux FCN 256->64)")
+def mmseg_psp_r18(num_classes: int = 19, **kwargs: Any) -> MMSegEncoderDecoder:
+    return _mmseg(_R18, "psp", num_classes, _R18_HEADS, kwargs)
+
+
+@register_model("mmseg_deeplabv3_r18", description="mmseg DeepLabV3 R18-d8 (ResNetV1c, ASPP 512->128, aux FCN 256->64)")
+def mmseg_deeplabv3_r18(num_classes: int = 19, **kwargs: Any) -> MMSegEncoderDecoder:
+    return _mmseg(_R18, "aspp", num_classes, _R18_HEADS, kwargs)
+
+
+@register_model("mmseg_psp_r18_mini", description="CPU model: mmseg PSPNet R18-d8 layout at width 1/4, head 32")
+def mmseg_psp_r18_mini(num_classes: int = 19, **kwargs: Any) -> MMSegEncoderDecoder:
+    return _mmseg(_R18, "psp", num_classes, _MINI, kwargs)
+
+
+@register_model(
+    "mmseg_deeplabv3_r18_mini", description="CPU model: mmseg DeepLabV3 R18-d8 layout at width 1/4, head 32"
+)
+def mmseg_deeplabv3_r18_mini(num_classes: int = 19, **kwargs: Any) -> MMSegEncoderDecoder:
+    return _mmseg(_R18, "aspp", num_classes, _MINI, kwargs)

@@ -19,12 +19,14 @@ conv1x1 128->K, and ``dsn`` an FCN head on the 96-ch stage (96->24->K).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
 from pipeline.models.base import OFFICIAL_NORM, InputNorm, InputNormSpec, SegModelMixin, SegOutput, as_norm_spec
 from pipeline.models.deeplab import ASPP, deeplab_bottleneck, fcn_head
 from pipeline.models.resnet import he_init
+from pipeline.registry import register_model
 
 __all__ = ["DeepLabV3MobileNetV2", "InvertedResidual", "MobileNetV2Backbone", "make_divisible"]
 
@@ -151,3 +153,21 @@ class DeepLabV3MobileNetV2(MobileNetV2Backbone, SegModelMixin):
         aux = self.dsn(mid) if self.dsn is not None and self.training else None
         feature = self.bottleneck(self.aspp(out))
         return SegOutput(self.head(feature), aux, feature)
+
+
+# ----------------------------------------------------------------------------------------------------
+# registered names
+
+
+@register_model(
+    "mbv2", description="DeepLabV3-MobileNetV2 (OS8 dilated, ASPP 320->128, aux on the 96-ch stage; grid 64 for 512)"
+)
+def mbv2(num_classes: int = 19, **kwargs: Any) -> DeepLabV3MobileNetV2:
+    return DeepLabV3MobileNetV2(num_classes=num_classes, **{"aspp_out": 128, **kwargs})
+
+
+@register_model(
+    "mbv2_mini", description="CPU student: DeepLabV3-MobileNetV2 at width 1/2, ASPP out 32 (grid 64 for 512)"
+)
+def mbv2_mini(num_classes: int = 19, **kwargs: Any) -> DeepLabV3MobileNetV2:
+    return DeepLabV3MobileNetV2(num_classes=num_classes, **{"width": 0.5, "aspp_out": 32, **kwargs})

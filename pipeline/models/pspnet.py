@@ -13,6 +13,7 @@ uses plain BN + ReLU (the official ``activation='none'`` ABN plus an explicit Re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from pipeline.models.base import OFFICIAL_NORM, InputNormSpec, SegModelMixin, SegOutput
 from pipeline.models.resnet import BasicBlock, Bottleneck, DeepStemResNet
+from pipeline.registry import register_model
 
 __all__ = ["BNLeaky", "PSPModule", "PSPNet"]
 
@@ -28,7 +30,7 @@ class BNLeaky(nn.BatchNorm2d):
     """BatchNorm2d followed by LeakyReLU(0.01): InPlace-ABN's default, with plain BN parameters.
 
     Official InPlace-ABN weights must first be converted with ``weight := |weight| + 1e-5``
-    (:func:`pipeline.teachers.convert_official_state_dict` does it).
+    (:func:`pipeline.weights.convert_official_state_dict` does it).
     """
 
     slope = 0.01
@@ -120,3 +122,52 @@ class PSPNet(DeepStemResNet, SegModelMixin):
         aux = self.dsn(x3) if self.dsn is not None and self.training else None
         feature = self.pspmodule(x4)
         return SegOutput(self.head(feature), aux, feature)
+
+
+# ----------------------------------------------------------------------------------------------------
+# registered names
+
+
+def _psp(block, layers, num_classes: int, defaults: dict, kwargs: dict) -> PSPNet:
+    return PSPNet(block, layers, num_classes=num_classes, **{**defaults, **kwargs})
+
+
+@register_model(
+    "psp101",
+    description="PSPNet-ResNet101, the official SKD teacher (Bottleneck [3,4,23,3], PSP 2048->512, dsn; 70.44 M)",
+    roles=("teacher",),
+)
+def psp101(num_classes: int = 19, **kwargs: Any) -> PSPNet:
+    return _psp(Bottleneck, (3, 4, 23, 3), num_classes, {"psp_out": 512}, kwargs)
+
+
+@register_model("psp50", description="PSPNet-ResNet50 (Bottleneck [3,4,6,3], PSP 2048->512, dsn)")
+def psp50(num_classes: int = 19, **kwargs: Any) -> PSPNet:
+    return _psp(Bottleneck, (3, 4, 6, 3), num_classes, {"psp_out": 512}, kwargs)
+
+
+@register_model("psp34", description="PSPNet-ResNet34 (BasicBlock [3,4,6,3], PSP 512->128, dsn)")
+def psp34(num_classes: int = 19, **kwargs: Any) -> PSPNet:
+    return _psp(BasicBlock, (3, 4, 6, 3), num_classes, {"psp_out": 128}, kwargs)
+
+
+@register_model(
+    "psp18", description="PSPNet-ResNet18, the official SKD student (BasicBlock [2,2,2,2], PSP 512->128, dsn; 13.07 M)"
+)
+def psp18(num_classes: int = 19, **kwargs: Any) -> PSPNet:
+    return _psp(BasicBlock, (2, 2, 2, 2), num_classes, {"psp_out": 128}, kwargs)
+
+
+@register_model("psp34_mini", description="CPU demo teacher: PSPNet, ResNet-34 layout at width 1/4, PSP out 64")
+def psp34_mini(num_classes: int = 19, **kwargs: Any) -> PSPNet:
+    return _psp(BasicBlock, (3, 4, 6, 3), num_classes, {"width": 0.25, "psp_out": 64}, kwargs)
+
+
+@register_model("psp18_mini", description="CPU demo student: PSPNet, ResNet-18 layout at width 1/4, PSP out 32")
+def psp18_mini(num_classes: int = 19, **kwargs: Any) -> PSPNet:
+    return _psp(BasicBlock, (2, 2, 2, 2), num_classes, {"width": 0.25, "psp_out": 32}, kwargs)
+
+
+@register_model("psp_tiny", description="test model: PSPNet, BasicBlock [1,1,1,1] at width 1/8, PSP out 16")
+def psp_tiny(num_classes: int = 19, **kwargs: Any) -> PSPNet:
+    return _psp(BasicBlock, (1, 1, 1, 1), num_classes, {"width": 0.125, "psp_out": 16}, kwargs)

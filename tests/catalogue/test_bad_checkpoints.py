@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from pipeline.cli import main as skdcache
-from pipeline.teachers import create_model, save_weights
+from pipeline.registry import create_model
+from pipeline.weights import save_weights
 from student.cli import main as skdstudent
 from tests.cli import assert_one_line_error, run_cli
 

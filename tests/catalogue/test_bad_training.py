@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from pipeline.build import BuildConfig, build_cache
-from pipeline.teachers import create_model, save_weights
+from pipeline.registry import create_model
+from pipeline.weights import save_weights
 from student.checkpoint import load_checkpoint
 from student.cli import main
 from tests.cli import assert_one_line_error, run_cli

@@ -19,8 +19,10 @@ from cache_tools.datasets import open_dataset
 from pipeline.cli import main
 from pipeline.families import FAMILIES
 from pipeline.models.base import IMAGENET_NORM, InputNorm, SegOutput
-from pipeline.teachers import create_model, create_teacher, save_weights
+from pipeline.registry import create_model
+from pipeline.teachers import create_teacher
 from pipeline.views import apply_view
+from pipeline.weights import save_weights
 from student.data import PairSpec, SegTrainData
 from tests.cli import assert_one_line_error, run_cli
 from tests.pipeline.test_checkpoint_io import as_mmengine, mmseg_checkpoint

@@ -21,7 +21,8 @@ import torch
 
 from cache_tools.errors import WeightsError
 from pipeline.checkpoint_io import Skipped, is_hostile, load_torch_file, restricted_load, sniff
-from pipeline.teachers import create_model, load_weights, read_state_dict
+from pipeline.registry import create_model
+from pipeline.weights import load_weights, read_state_dict
 
 # ---------------------------------------------------------------------------------------------- stand-ins
 

@@ -21,27 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline import teachers
+from pipeline import families
 from pipeline.models.cirkd import CIRKDDeepLabV3
 from pipeline.models.mmseg import DilatedBasicBlock, MMSegEncoderDecoder, grid_size_8k
 from pipeline.models.resnet import Bottleneck
-from pipeline.teachers import create_model, create_teacher, list_models, load_weights
+from pipeline.registry import _REGISTRY, create_model, list_models
+from pipeline.teachers import create_teacher
+from pipeline.weights import load_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def families():
-    """Register the families at run time, and unregister afterwards what this module added.
-
-    Other test modules list the registry (at collection and at run time) and expect today's set
-    unless ``pipeline.teachers`` itself imports ``pipeline.families``; then nothing is removed.
-    """
-    before = set(teachers._REGISTRY)
-    imported = "pipeline.families" in sys.modules
-    yield importlib.import_module("pipeline.families")
-    for name in set(teachers._REGISTRY) - before:
-        del teachers._REGISTRY[name]
-    if not imported:
-        sys.modules.pop("pipeline.families", None)
+def test_each_family_module_registers_its_own_names():
+    # a family is one module plus its registrations: each name's factory lives beside its architecture
+    where = {name: entry.factory.__module__ for name, entry in _REGISTRY.items()}
+    assert {n for n, m in where.items() if m == "pipeline.models.mmseg"} == {n for n in where if n.startswith("mmseg_")}
+    assert {n for n, m in where.items() if m == "pipeline.models.cirkd"} == {n for n in where if n.startswith("cirkd_")}
+    assert {n for n, m in where.items() if m == "pipeline.models.pspnet"} == {n for n in where if n.startswith("psp")}
+    assert where["deeplabv3_r18"] == where["deeplabv3_r18_mini"] == "pipeline.models.deeplab"
+    assert where["mbv2"] == where["mbv2_mini"] == "pipeline.models.mobilenet"
 
 
 MMSEG_MEAN, MMSEG_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
@@ -218,7 +214,7 @@ def test_parameter_counts_equal_the_reference_builds(name):
     assert model.feature_channels == FULL[name][4]
 
 
-def test_registry_roles_and_conventions(families):
+def test_registry_roles_and_conventions():
     family_of = families.family_of
     teachers = {e.name for e in list_models("teacher")}
     students = {e.name for e in list_models("student")}

@@ -12,13 +12,12 @@ from pipeline.models import (
     OFFICIAL_NORM,
     BNLeaky,
     InputNorm,
-    ModelSpec,
     PSPModule,
     SegOutput,
     as_norm_spec,
     grid_size,
 )
-from pipeline.teachers import create_model, list_models
+from pipeline.registry import create_model, list_models
 
 SMALL = ["psp34_mini", "psp18_mini", "deeplabv3_r18_mini", "mbv2_mini", "psp_tiny"]
 # raw RGB pixel that every model's normalisation maps to exactly 0 (official: BGR mean, flipped)
@@ -206,12 +205,10 @@ def test_input_norm_orders_and_specs():
         as_norm_spec("caffe")
 
 
-def test_model_spec_and_options():
+def test_model_attributes_and_options():
     m = create_model("psp_tiny", num_classes=7, aux=False)
     assert m.dsn is None and m.head.out_channels == 7
-    spec = m.model_spec()
-    assert spec == ModelSpec("psp_tiny", m.architecture, 7, 16, OFFICIAL_NORM)
-    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    assert (m.model_name, m.num_classes, m.feature_channels, m.norm_spec) == ("psp_tiny", 7, 16, OFFICIAL_NORM)
     assert m.train()(torch.rand(2, 3, 32, 32) * 255).aux is None
 
 

@@ -13,18 +13,21 @@ import pytest
 import torch
 
 from cache_tools.errors import ModelError, WeightsError
+from pipeline import recognize, weights
 from pipeline.recognize import (
     backbone_mapping,
     check_fits,
     describe_weights_file,
     load_backbone,
+    load_teacher,
     model_shapes,
     recognize_file,
     recognize_state_dict,
     resolve_teacher,
     weights_lines,
 )
-from pipeline.teachers import create_model, save_weights
+from pipeline.registry import create_model
+from pipeline.weights import save_weights
 from tests.pipeline.test_teachers import csail_style, randomise_bn, to_official
 
 
@@ -247,6 +250,30 @@ def test_resolve_teacher_for_build(tmp_path):
     mmcv_v1c_file(backbone)
     with pytest.raises(WeightsError, match=r"cannot tell which model .* it holds an ImageNet backbone"):
         resolve_teacher(backbone, None, 19)
+
+
+def test_load_teacher_reads_the_weights_file_once(tmp_path, monkeypatch):
+    src = build("cirkd_deeplabv3_r18_mini", aux=False)
+    path = tmp_path / "deeplabv3_resnet18_citys_best_model.pth"
+    save_cirkd(src, path)
+    reads, real = [], weights.read_state_dict
+
+    def counting(p):  # the real reader, counted wherever the model code calls it
+        reads.append(p)
+        return real(p)
+
+    monkeypatch.setattr(recognize, "read_state_dict", counting)
+    monkeypatch.setattr(weights, "read_state_dict", counting)
+    teacher, name, rec = load_teacher(path, None, 19, seed=3)
+    assert reads == [path]  # recognised and loaded from one read
+    assert (name, rec.family, teacher.info.name, teacher.info.family) == ("cirkd_deeplabv3_r18_mini", "cirkd") * 2
+    x = torch.rand(1, 3, 33, 47) * 255
+    with torch.no_grad():
+        assert torch.equal(teacher.model(x).logits, src.eval()(x).logits)
+    with pytest.raises(WeightsError, match="holds a 19-class teacher"):
+        load_teacher(path, None, 21)
+    teacher, name, rec = load_teacher(None, "psp_tiny", 19, random_weights=True)
+    assert rec is None and name == teacher.info.name == "psp_tiny" and teacher.info.random_weights
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from cache_tools.datasets import open_dataset
 from cache_tools.errors import DatasetError, ModelError, WeightsError
 from pipeline.models.base import IMAGENET_NORM, InputNorm, SegOutput
+from pipeline.registry import create_model
 from pipeline.sanity import chance_miou, check_teacher, classifier_untrained, pick_indices, teacher_sanity
-from pipeline.teachers import create_model
 
 
 def _key(x: Tensor) -> str:

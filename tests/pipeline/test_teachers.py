@@ -1,4 +1,8 @@
-"""The model registry, teacher creation, and safe checkpoint loading (official, project, safetensors)."""
+"""The model registry, teacher creation, and safe checkpoint loading (official, project, safetensors).
+
+The names are imported from their modules (``pipeline.registry``, ``pipeline.weights``,
+``pipeline.teachers``); one test checks that ``pipeline.teachers`` still re-exports the moved ones.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +15,17 @@ import torch
 from torch import nn
 
 from cache_tools.errors import ModelError, WeightsError
-from pipeline import teachers
+from cache_tools.schema import TeacherStamp
+from pipeline import registry
 from pipeline.models import SegOutput
-from pipeline.teachers import (
+from pipeline.registry import create_model, list_models, list_teachers, register_model
+from pipeline.teachers import create_teacher
+from pipeline.weights import (
     LoadReport,
-    TeacherInfo,
     convert_official_state_dict,
-    create_model,
-    create_teacher,
     detect_format,
-    list_models,
-    list_teachers,
-    load_backbone_weights,
     load_weights,
     read_state_dict,
-    register_model,
     save_weights,
     weights_sha256,
 )
@@ -121,7 +121,7 @@ def test_registry_lists_the_required_models():
 
 
 def test_register_model_warns_on_overwrite(monkeypatch):
-    monkeypatch.setattr(teachers, "_REGISTRY", dict(teachers._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     @register_model("tmp_model", description="first", roles=("student",))
     def first(num_classes=19, **kwargs):
@@ -214,7 +214,8 @@ def test_random_teacher_is_reproducible_and_frozen():
     assert info.architecture == "PSPNet(resnet(BasicBlock[1,1,1,1])x0.125, psp_out=16, dsn)"
     assert info.feature_channels == 16 and info.num_classes == 19
     assert info.parameters == sum(p.numel() for p in a.model.parameters())
-    assert TeacherInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
+    assert isinstance(info, TeacherStamp) and (info.family, info.grid, info.ignore_index) == ("skd", "8k+1", 255)
+    assert TeacherStamp.from_dict(json.loads(json.dumps(info.to_dict()))) == info  # what a store reads back
 
 
 def test_teacher_from_weights(tmp_path):
@@ -227,6 +228,17 @@ def test_teacher_from_weights(tmp_path):
     assert teacher.info.weights_path == str(path.resolve())
     assert not teacher.info.random_weights and teacher.info.seed is None
     assert teacher.report.converted_from == "safetensors" and teacher.report.ok
+
+
+def test_teacher_from_an_already_read_file_uses_what_was_read(tmp_path):
+    path = save_weights(model(seed=5), tmp_path / "tiny.safetensors")
+    file = read_state_dict(path)
+    file.state_dict["head.bias"] = file.state_dict["head.bias"] + 7.0  # only the in-memory copy changes
+    teacher = create_teacher("psp_tiny", weights=path, state_dict=file)
+    assert torch.equal(teacher.model.head.bias, file.state_dict["head.bias"])  # not the file's bias
+    assert teacher.info.weights_sha256 == weights_sha256(path) and teacher.report.converted_from == "safetensors"
+    with pytest.raises(ModelError, match="needs the weights path it was read from"):
+        create_teacher("psp_tiny", random_weights=True, state_dict=file)
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -395,54 +407,3 @@ def csail_style(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     prefixes = ("conv", "bn", "layer")
     out = {k: v for k, v in sd.items() if k.startswith(prefixes) and not k.endswith("num_batches_tracked")}
     return {**out, "fc.weight": torch.randn(1000, 128), "fc.bias": torch.randn(1000)}
-
-
-def test_backbone_init_from_csail_checkpoint(tmp_path):
-    src = model("psp18_mini", seed=1)
-    randomise_bn(src)
-    src.bn1.weight.data[0] = -0.5  # plain BN: a negative weight must survive (no ABN conversion)
-    path = tmp_path / "resnet18-imagenet.pth"
-    torch.save(csail_style(src.state_dict()), path, _use_new_zipfile_serialization=False)
-    dst = model("psp18_mini", seed=2)
-    head_before = dst.head.weight.clone()
-    report = load_backbone_weights(dst, path)
-    assert report.converted_from == "skd" and not report.missing and not report.mismatched
-    assert sorted(report.ignored) == ["fc.bias", "fc.weight"]
-    assert torch.equal(dst.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
-    assert dst.bn1.weight[0].item() == -0.5
-    assert torch.equal(dst.head.weight, head_before)  # the head is left alone
-
-
-def test_backbone_init_from_project_checkpoint(tmp_path):
-    src = model("psp18_mini", seed=1)
-    path = save_weights(src, tmp_path / "psp18_mini.safetensors")
-    dst = model("psp18_mini", seed=2)
-    report = load_backbone_weights(dst, path)
-    assert report.converted_from == "safetensors" and "head.weight" in report.ignored
-    assert torch.equal(dst.conv3.weight, src.conv3.weight)
-
-
-def test_backbone_init_refuses_torchvision_resnet(tmp_path):
-    tv = {
-        "conv1.weight": torch.randn(64, 3, 7, 7),
-        **{f"bn1.{n}": torch.ones(64) for n in ("weight", "bias", "running_mean", "running_var")},
-        "bn1.num_batches_tracked": torch.tensor(0),
-        "layer1.0.conv1.weight": torch.randn(64, 64, 3, 3),
-        "fc.weight": torch.randn(1000, 512),
-        "fc.bias": torch.randn(1000),
-    }
-    path = tmp_path / "resnet18-f37072fd.pth"
-    torch.save(tv, path)
-    with torch.device("meta"):
-        student = create_model("psp18")
-    student = student.to_empty(device="cpu")
-    with pytest.raises(WeightsError) as info:
-        load_backbone_weights(student, path)
-    msg = str(info.value)
-    assert (
-        "conv1.weight: checkpoint (64, 3, 7, 7) vs model (64, 3, 3, 3) — this looks like a torchvision ResNet "
-        "(7x7 stem); the official student needs the CSAIL deep-stem weights" in msg
-    )
-    assert msg.startswith(f"checkpoint {path} does not fit the backbone of psp18: ") and "\n" not in msg
-    report = load_backbone_weights(student, path, strict=False)
-    assert report.mismatched[0][0] == "conv1.weight" and "conv2.weight" in report.missing

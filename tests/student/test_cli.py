@@ -7,7 +7,8 @@ import json
 import pytest
 
 from pipeline.build import BuildConfig, build_cache
-from pipeline.teachers import create_model, save_weights
+from pipeline.registry import create_model
+from pipeline.weights import save_weights
 from student.cli import main
 from tests.cli import assert_one_line_error, assert_refused, run_cli
 

@@ -10,7 +10,7 @@ import torch
 
 from cache_tools.errors import ConfigError, SchemaMismatchError, WeightsError
 from pipeline.build import BuildConfig, build_cache
-from pipeline.teachers import save_weights
+from pipeline.weights import save_weights
 from student.checkpoint import load_checkpoint
 from student.train import TrainConfig, TrainingDivergedError, train
 
@@ -55,7 +55,7 @@ def test_few_iterations_from_a_cache(sample_root, caches, tmp_path, store):
 
 def test_online_teacher_and_task_only(sample_root, tmp_path):
     teacher = tmp_path / "teacher.safetensors"
-    from pipeline.teachers import create_model
+    from pipeline.registry import create_model
 
     save_weights(create_model("psp_tiny", num_classes=19), teacher, {"model_name": "psp_tiny", "num_classes": 19})
     online = train(_cfg(sample_root, tmp_path / "online", teacher="psp_tiny", weights=str(teacher)))
@@ -108,7 +108,7 @@ def test_bad_input(sample_root, caches, tmp_path):
     with pytest.raises(ConfigError, match="cannot write to --out"):
         train(_cfg(sample_root, blocker / "run", losses=(), iters=1))
     wrong = tmp_path / "wrong.safetensors"
-    from pipeline.teachers import create_model
+    from pipeline.registry import create_model
 
     save_weights(create_model("psp18_mini", num_classes=19), wrong, {"model_name": "psp18_mini", "num_classes": 19})
     with pytest.raises(WeightsError, match="does not fit psp_tiny"):
@@ -127,7 +127,7 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_checkpoint(sample_root, ca
 
 def test_imagenet_init_and_a_trained_student_as_teacher(sample_root, tmp_path):
     from cache_tools import open_cache
-    from pipeline.teachers import create_model
+    from pipeline.registry import create_model
 
     # a CSAIL-layout backbone checkpoint (plain keys, fc head) initialises the student's backbone
     backbone = {
@@ -220,7 +220,7 @@ def test_lr_overflow_saves_nothing_and_names_the_learning_rate(sample_root, tmp_
 
 def _teacher(path, value: float):
     """A psp_tiny teacher file whose every parameter is ``value``."""
-    from pipeline.teachers import create_model
+    from pipeline.registry import create_model
 
     model = create_model("psp_tiny", num_classes=19)
     with torch.no_grad():
@@ -372,7 +372,7 @@ def test_deterministic_training_is_on_during_the_run_and_restored_after(sample_r
 
 
 def test_the_online_teacher_sees_the_unjittered_crop(sample_root, tmp_path):
-    from pipeline.teachers import create_model
+    from pipeline.registry import create_model
     from student.data import SegTrainData, collate_samples
     from student.distributed import DistEnv
     from student.train import _setup, train_step

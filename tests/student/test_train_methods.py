@@ -9,7 +9,8 @@ import torch
 
 from cache_tools.errors import ConfigError
 from pipeline.build import BuildConfig, build_cache
-from pipeline.teachers import create_model, save_weights
+from pipeline.registry import create_model
+from pipeline.weights import save_weights
 from student.cli import main as skdstudent
 from student.losses import TargetNeed
 from student.train import ALL_LOSSES, METHOD_NAMES, NEEDS, TrainConfig, train
