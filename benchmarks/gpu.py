@@ -58,9 +58,10 @@ from cache_tools.codecs import LogitCodec
 from cache_tools.datasets import write_sample_dataset
 from cache_tools.datasets.sample import render_scene
 from cache_tools.store import prepare_cache
-from pipeline.build import BuildConfig, _feature_codec_for, _ShardWriter, build_cache, build_shards, plan_build
+from pipeline.build import BuildConfig, _ShardWriter, build_cache, build_shards, plan_build
 from pipeline.models.base import SegOutput
-from pipeline.teachers import create_model, create_teacher
+from pipeline.registry import create_model
+from pipeline.teachers import create_teacher
 from student.train import TrainConfig, train
 
 CITYSCAPES = (1024, 2048)
@@ -348,7 +349,7 @@ def encode_rate(plan, url: str, logits: np.ndarray, cells: np.ndarray, threads: 
     )
     codec = LogitCodec.from_params(schema.logits.codec, schema.logits.params)
     # sample every n-th entry's fidelity as a Cityscapes build does (2975 entries, 64 samples)
-    sink = _ShardWriter(writer, schema, codec, _feature_codec_for(plan, writer), CITYSCAPES_TRAIN // FIDELITY_SAMPLES)
+    sink = _ShardWriter(writer, schema, codec, writer.feature_codec(), CITYSCAPES_TRAIN // FIDELITY_SAMPLES)
     jobs: queue.Queue = queue.Queue(maxsize=plan.config.queue_size)
 
     cpu = []

@@ -5,6 +5,12 @@ and float side values) that are stored as ordinary zarr arrays, then compressed 
 standard zarr v3 codec (zstd or blosc). Nothing here is a custom zarr codec, so ``zarr.open`` reads
 every part of every store; the decoding rule of each codec is written in ``docs/cache_format.md``.
 
+Each codec is one class holding its parts, encode, decode, stored parameters and their validation;
+:data:`LOGIT_CODEC_CLASSES` and :data:`FEATURE_CODEC_CLASSES` map the names a store records to
+them, and ``LogitCodec(name, **params)`` / ``FeatureCodec(name, ...)`` build the class a name
+stands for. A codec that keeps arrays once per store (the PCA basis and mean) describes them
+itself (:meth:`FeatureCodec.tables`), so the store lays them out like any other array.
+
 Lossy codecs never wrap silently: values outside a codec's range are clipped and counted, and the
 count is reported by the build.
 
@@ -33,7 +39,7 @@ affine) and ``pca`` (projection on a k-dimensional basis stored in the store, fp
 
 Example:
     >>> import numpy as np
-    >>> codec = make_logit_codec("gap-u8")
+    >>> codec = LogitCodec("gap-u8")
     >>> z = np.array([[[3.0]], [[1.0]], [[-2.0]]], dtype=np.float32)  # K=3, 1x1
     >>> parts, clipped = codec.encode(z)
     >>> sorted(parts), parts["dq"].ravel().tolist(), clipped
@@ -46,19 +52,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from .errors import SchemaError
-from .schema import FEATURE_CODECS, LOGIT_CODECS
+
+if TYPE_CHECKING:
+    from .schema import TargetLayout
 
 __all__ = [
+    "FEATURE_CODEC_CLASSES",
+    "LOGIT_CODEC_CLASSES",
     "FeatureCodec",
     "LogitCodec",
     "Part",
     "fit_pca",
-    "make_feature_codec",
-    "make_logit_codec",
     "parse_feature_codec",
 ]
 
@@ -69,7 +78,7 @@ PREDICTORS = ("none", "delta2d")
 
 @dataclass(frozen=True)
 class Part:
-    """One stored array of a codec: its shape per entry and dtype."""
+    """One stored array of a codec: its shape per entry (or per store, for a table) and dtype."""
 
     shape: tuple[int, ...]
     dtype: str
@@ -95,162 +104,6 @@ def _affine_u8(x: np.ndarray, axes: tuple[int, ...]) -> dict[str, np.ndarray]:
     }
 
 
-class LogitCodec:
-    """Encode/decode logits ``(..., K, h, w)`` float32 to parts and back."""
-
-    def __init__(
-        self,
-        name: str,
-        clip: float | None = None,
-        top_dtype: str = "float16",
-        scale: float | None = None,
-        predictor: str | None = None,
-    ):
-        if name not in LOGIT_CODECS:
-            raise SchemaError(f"unknown logits codec {name!r}; choose one of {', '.join(LOGIT_CODECS)}")
-        self.name = name
-        default_clip = {"gap-u8": 48.0, "gap-u16": 64.0}.get(name)
-        self.clip = float(clip) if clip is not None else default_clip
-        if self.clip is not None and not self.clip > 0:
-            raise SchemaError(f"gap clip must be positive, got {self.clip}")
-        self.scale = (float(scale) if scale is not None else 6.0) if name == "gap-u8" else None
-        if self.scale is not None and not self.scale > 0:
-            raise SchemaError(f"gap-u8 scale must be positive, got {self.scale}")
-        if top_dtype not in ("float16", "float32"):
-            raise SchemaError("top_dtype must be float16 or float32")
-        self.top_dtype = top_dtype
-        gap = name.startswith("gap")
-        if predictor is None:
-            predictor = "delta2d" if gap else "none"
-        if predictor not in PREDICTORS or (predictor != "none" and not gap):
-            raise SchemaError(f"predictor {predictor!r} is not available for {name}; gap codecs take none or delta2d")
-        self.predictor = predictor
-
-    @property
-    def code_part(self) -> str:
-        """Name of the integer code part of a gap codec: ``dq`` behind the 2-D difference, else ``q``."""
-        return "dq" if self.predictor == "delta2d" else "q"
-
-    @property
-    def params(self) -> dict:
-        extra = {"predictor": self.predictor} if self.predictor != "none" else {}
-        if self.name == "gap-u8":
-            return {"clip": self.clip, "scale": self.scale, "top_dtype": self.top_dtype, **extra}
-        if self.name == "gap-u16":
-            return {"clip": self.clip, "top_dtype": self.top_dtype, **extra}
-        return {}
-
-    @classmethod
-    def from_params(cls, name: str, params: dict) -> LogitCodec:
-        """The codec a store describes. Unknown parameters are refused (a reader that ignored one could
-        decode garbage); a gap store without ``predictor`` predates it and holds plain codes."""
-        unknown = sorted(set(params) - set(cls(name).params))  # a default codec lists every key it takes
-        if unknown:
-            raise SchemaError(
-                f"logits codec {name} has parameter(s) {', '.join(unknown)} this version of skd does not know; "
-                "upgrade skd to read this cache"
-            )
-        if name.startswith("gap"):
-            return cls(
-                name,
-                clip=params.get("clip"),
-                top_dtype=params.get("top_dtype", "float16"),
-                scale=params.get("scale"),
-                predictor=params.get("predictor", "none"),
-            )
-        return cls(name)
-
-    def _compand(self, g: np.ndarray) -> np.ndarray:
-        """gap in [0, G] -> u in [0, 1] (gap-u8)."""
-        s = self.scale
-        return -np.expm1(-g / s) / -np.expm1(-self.clip / s)
-
-    def _expand(self, u: np.ndarray) -> np.ndarray:
-        """u in [0, 1] -> gap (inverse of _compand)."""
-        s = self.scale
-        return -s * np.log1p(u * np.expm1(-self.clip / s))
-
-    def parts(self, k: int, h: int, w: int) -> dict[str, Part]:
-        n = self.name
-        if n in ("fp32", "fp16"):
-            return {"data": Part((k, h, w), "float32" if n == "fp32" else "float16")}
-        if n == "int8-pixel":
-            return {
-                "q": Part((k, h, w), "uint8"),
-                "lo": Part((h, w), "float32"),
-                "step": Part((h, w), "float32"),
-            }
-        if n == "int8-channel":
-            return {"q": Part((k, h, w), "uint8"), "lo": Part((k,), "float32"), "step": Part((k,), "float32")}
-        code = "uint8" if n == "gap-u8" else "uint16"
-        return {self.code_part: Part((k, h, w), code), "top": Part((h, w), self.top_dtype)}
-
-    def encode(self, z: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
-        """Returns (parts, number of clipped values)."""
-        z = np.asarray(z, dtype=np.float32)
-        n = self.name
-        if n == "fp32":
-            return {"data": z.copy()}, 0
-        if n == "fp16":
-            data, over = _to_f16(z)
-            return {"data": data}, over
-        if n == "int8-pixel":
-            return _affine_u8(z, (-3,)), 0
-        if n == "int8-channel":
-            return _affine_u8(z, (-2, -1)), 0
-        # gap codecs
-        top = z.max(axis=-3, keepdims=True)
-        gap = top - z
-        clipped = int(np.count_nonzero(gap > self.clip))
-        g = np.minimum(gap, self.clip)
-        if n == "gap-u8":
-            q = np.rint(255.0 * self._compand(g))
-            qmax, dtype = 255, np.uint8
-        else:
-            q = np.rint(65535.0 * (g / self.clip))
-            qmax, dtype = 65535, np.uint16
-        # only the argmax class may decode to gap 0: ties and tiny gaps go to code 1
-        q = np.maximum(q, 1)
-        arg = z.argmax(axis=-3)
-        np.put_along_axis(q, arg[..., None, :, :], 0, axis=-3)
-        q = q.clip(0, qmax).astype(dtype)
-        top = np.squeeze(top, -3)
-        if self.top_dtype == "float16":
-            top, over = _to_f16(top)
-            clipped += over
-        codes = delta2d(q) if self.predictor == "delta2d" else q
-        return {self.code_part: codes, "top": top.astype(self.top_dtype)}, clipped
-
-    def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
-        n = self.name
-        if n in ("fp32", "fp16"):
-            return parts["data"].astype(np.float32)
-        if n == "int8-pixel":
-            return parts["lo"][..., None, :, :] + parts["q"].astype(np.float32) * parts["step"][..., None, :, :]
-        if n == "int8-channel":
-            lo = parts["lo"][..., :, None, None]
-            step = parts["step"][..., :, None, None]
-            return lo + parts["q"].astype(np.float32) * step
-        codes = parts[self.code_part]
-        q = (undelta2d(codes) if self.predictor == "delta2d" else codes).astype(np.float32)
-        if n == "gap-u8":
-            gap = self._expand(q * (1.0 / 255.0)).astype(np.float32)
-        else:
-            gap = q * (self.clip / 65535.0)
-        return parts["top"].astype(np.float32)[..., None, :, :] - gap
-
-    def error_bound(self) -> str:
-        """Worst-case absolute error per value, in words (documented in docs/cache_format.md)."""
-        return {
-            "fp32": "exact",
-            "fp16": "|z|*2^-11",
-            "int8-pixel": "step/2 = (max_c z - min_c z)/510 per pixel",
-            "int8-channel": "step/2 = (max_hw z - min_hw z)/510 per class",
-            "gap-u8": f"u = (1-exp(-g/{self.scale}))/(1-exp(-{self.clip}/{self.scale})) to 1/510; gaps over {self.clip} clipped",
-            "gap-u16": f"gap error <= {self.clip}/131070; gaps over {self.clip} clipped",
-        }[self.name]
-
-
 def delta2d(q: np.ndarray) -> np.ndarray:
     """Lossless 2-D difference of unsigned integer codes over the last two axes (wraps modulo 2^bits)."""
     d = np.diff(q, axis=-1, prepend=np.zeros_like(q[..., :1]))
@@ -262,6 +115,322 @@ def undelta2d(d: np.ndarray) -> np.ndarray:
     return np.cumsum(np.cumsum(d, axis=-2, dtype=d.dtype), axis=-1, dtype=d.dtype)
 
 
+def _codec_class(table: dict[str, type], name: Any, target: str) -> type:
+    if name not in table:
+        raise SchemaError(f"unknown {target} codec {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+def _check_name(codec: Any, name: str | None) -> None:
+    """``name`` (what ``LogitCodec(name)`` was given) must be the codec's own."""
+    if name is not None and name != codec.name:
+        raise SchemaError(f"{type(codec).__name__} is the {codec.name} codec, not {name!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# shared value rules (a logits and a features codec can store values the same way)
+
+
+class _Float:
+    """The values themselves in ``dtype`` (fp16: values beyond its range are clipped and counted)."""
+
+    dtype: ClassVar[str]
+
+    def parts(self, c: int, h: int, w: int) -> dict[str, Part]:
+        return {"data": Part((c, h, w), self.dtype)}
+
+    def encode(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        x = np.asarray(x, dtype=np.float32)
+        if self.dtype == "float32":
+            return {"data": x.copy()}, 0
+        data, over = _to_f16(x)
+        return {"data": data}, over
+
+    def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        return parts["data"].astype(np.float32)
+
+    def error_bound(self) -> str:
+        return "exact" if self.dtype == "float32" else "|z|*2^-11"
+
+
+class _ChannelAffineU8:
+    """Per-entry, per-channel affine uint8: ``x = lo[c] + q * step[c]``."""
+
+    def parts(self, c: int, h: int, w: int) -> dict[str, Part]:
+        return {"q": Part((c, h, w), "uint8"), "lo": Part((c,), "float32"), "step": Part((c,), "float32")}
+
+    def encode(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        return _affine_u8(np.asarray(x, dtype=np.float32), (-2, -1)), 0
+
+    def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        lo = parts["lo"][..., :, None, None]
+        step = parts["step"][..., :, None, None]
+        return lo + parts["q"].astype(np.float32) * step
+
+    def error_bound(self) -> str:
+        return "step/2 = (max_hw z - min_hw z)/510 per class"
+
+
+# ------------------------------------------------------------------------------------------------
+# logits
+
+
+class LogitCodec:
+    """Encode/decode logits ``(..., K, h, w)`` float32 to parts and back.
+
+    ``LogitCodec(name, **params)`` builds the codec class registered under ``name`` in
+    :data:`LOGIT_CODEC_CLASSES`. This base is a codec without parameters: it refuses a clip or a
+    predictor, which only the gap codecs take.
+    """
+
+    name: ClassVar[str]
+    clip: float | None = None
+    scale: float | None = None
+    predictor: str = "none"
+
+    def __new__(cls, name: str | None = None, **params: Any) -> LogitCodec:
+        if cls is LogitCodec:
+            cls = _codec_class(LOGIT_CODEC_CLASSES, name, "logits")
+        return super().__new__(cls)
+
+    def __init__(self, name: str | None = None, *, clip: float | None = None, predictor: str | None = None):
+        _check_name(self, name)
+        if clip is not None:
+            raise SchemaError(f"the {self.name} logits codec takes no clip (the gap codecs do); leave the clip unset")
+        if predictor not in (None, "none"):
+            raise SchemaError(
+                f"predictor {predictor!r} is not available for {self.name}; gap codecs take none or delta2d"
+            )
+
+    @property
+    def params(self) -> dict:
+        """The parameters a store records for this codec (JSON scalars, in a fixed order)."""
+        return {}
+
+    @classmethod
+    def from_params(cls, name: str, params: dict) -> LogitCodec:
+        """The codec a store describes. Unknown parameters are refused (a reader that ignored one could
+        decode garbage)."""
+        codec_cls = _codec_class(LOGIT_CODEC_CLASSES, name, "logits")
+        unknown = sorted(set(params) - set(codec_cls().params))  # a default codec lists every key it takes
+        if unknown:
+            raise SchemaError(
+                f"logits codec {name} has parameter(s) {', '.join(unknown)} this version of skd does not know; "
+                "upgrade skd to read this cache"
+            )
+        return codec_cls._from_stored(params)
+
+    @classmethod
+    def _from_stored(cls, params: dict) -> LogitCodec:
+        return cls()
+
+    def parts(self, k: int, h: int, w: int) -> dict[str, Part]:
+        raise NotImplementedError
+
+    def encode(self, z: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        """Returns (parts, number of clipped values)."""
+        raise NotImplementedError
+
+    def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def error_bound(self) -> str:
+        """Worst-case absolute error per value, in words (documented in docs/cache_format.md)."""
+        raise NotImplementedError
+
+
+class Fp32Logits(_Float, LogitCodec):
+    name = "fp32"
+    dtype = "float32"
+
+
+class Fp16Logits(_Float, LogitCodec):
+    name = "fp16"
+    dtype = "float16"
+
+
+class Int8PixelLogits(LogitCodec):
+    """Per-pixel affine uint8: ``z = lo[y, x] + q * step[y, x]``."""
+
+    name = "int8-pixel"
+
+    def parts(self, k: int, h: int, w: int) -> dict[str, Part]:
+        return {"q": Part((k, h, w), "uint8"), "lo": Part((h, w), "float32"), "step": Part((h, w), "float32")}
+
+    def encode(self, z: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        return _affine_u8(np.asarray(z, dtype=np.float32), (-3,)), 0
+
+    def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        return parts["lo"][..., None, :, :] + parts["q"].astype(np.float32) * parts["step"][..., None, :, :]
+
+    def error_bound(self) -> str:
+        return "step/2 = (max_c z - min_c z)/510 per pixel"
+
+
+class Int8ChannelLogits(_ChannelAffineU8, LogitCodec):
+    name = "int8-channel"
+
+
+class _GapCodec(LogitCodec):
+    """The per-pixel top logit and every class's gap to it, quantised to ``code_dtype`` codes.
+
+    Subclasses say how a clipped gap becomes a code and back (:meth:`_quantise`, :meth:`_gap`).
+    """
+
+    code_dtype: ClassVar[type]
+    levels: ClassVar[int]
+    default_clip: ClassVar[float]
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        clip: float | None = None,
+        top_dtype: str = "float16",
+        predictor: str | None = None,
+    ):
+        _check_name(self, name)
+        self.clip = float(clip) if clip is not None else self.default_clip
+        if not self.clip > 0:
+            raise SchemaError(f"gap clip must be positive, got {self.clip}")
+        if top_dtype not in ("float16", "float32"):
+            raise SchemaError("top_dtype must be float16 or float32")
+        self.top_dtype = top_dtype
+        predictor = "delta2d" if predictor is None else predictor
+        if predictor not in PREDICTORS:
+            raise SchemaError(
+                f"predictor {predictor!r} is not available for {self.name}; gap codecs take none or delta2d"
+            )
+        self.predictor = predictor
+
+    @classmethod
+    def _from_stored(cls, params: dict) -> LogitCodec:
+        # a gap store without ``predictor`` predates it and holds plain codes
+        kept = {k: params[k] for k in ("clip", "scale") if k in params}
+        return cls(top_dtype=params.get("top_dtype", "float16"), predictor=params.get("predictor", "none"), **kept)
+
+    @property
+    def params(self) -> dict:
+        extra = {"predictor": self.predictor} if self.predictor != "none" else {}
+        return {"clip": self.clip, "top_dtype": self.top_dtype, **extra}
+
+    @property
+    def code_part(self) -> str:
+        """Name of the integer code part: ``dq`` behind the 2-D difference, else ``q``."""
+        return "dq" if self.predictor == "delta2d" else "q"
+
+    def _quantise(self, g: np.ndarray) -> np.ndarray:
+        """Gap in [0, clip] -> code in [0, levels] (float, rounded)."""
+        raise NotImplementedError
+
+    def _gap(self, q: np.ndarray) -> np.ndarray:
+        """Code (float32) -> decoded gap."""
+        raise NotImplementedError
+
+    def parts(self, k: int, h: int, w: int) -> dict[str, Part]:
+        code = np.dtype(self.code_dtype).name
+        return {self.code_part: Part((k, h, w), code), "top": Part((h, w), self.top_dtype)}
+
+    def encode(self, z: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        z = np.asarray(z, dtype=np.float32)
+        top = z.max(axis=-3, keepdims=True)
+        gap = top - z
+        clipped = int(np.count_nonzero(gap > self.clip))
+        q = self._quantise(np.minimum(gap, self.clip))
+        # only the argmax class may decode to gap 0: ties and tiny gaps go to code 1
+        q = np.maximum(q, 1)
+        arg = z.argmax(axis=-3)
+        np.put_along_axis(q, arg[..., None, :, :], 0, axis=-3)
+        q = q.clip(0, self.levels).astype(self.code_dtype)
+        top = np.squeeze(top, -3)
+        if self.top_dtype == "float16":
+            top, over = _to_f16(top)
+            clipped += over
+        codes = delta2d(q) if self.predictor == "delta2d" else q
+        return {self.code_part: codes, "top": top.astype(self.top_dtype)}, clipped
+
+    def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        codes = parts[self.code_part]
+        q = (undelta2d(codes) if self.predictor == "delta2d" else codes).astype(np.float32)
+        return parts["top"].astype(np.float32)[..., None, :, :] - self._gap(q)
+
+
+class GapU8Logits(_GapCodec):
+    """Gaps companded exponentially with scale ``s`` into uint8 (see the module docstring)."""
+
+    name = "gap-u8"
+    code_dtype = np.uint8
+    levels = 255
+    default_clip = 48.0
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        clip: float | None = None,
+        scale: float | None = None,
+        top_dtype: str = "float16",
+        predictor: str | None = None,
+    ):
+        super().__init__(name, clip=clip, top_dtype=top_dtype, predictor=predictor)
+        self.scale = float(scale) if scale is not None else 6.0
+        if not self.scale > 0:
+            raise SchemaError(f"gap-u8 scale must be positive, got {self.scale}")
+
+    @property
+    def params(self) -> dict:
+        extra = {"predictor": self.predictor} if self.predictor != "none" else {}
+        return {"clip": self.clip, "scale": self.scale, "top_dtype": self.top_dtype, **extra}
+
+    def _compand(self, g: np.ndarray) -> np.ndarray:
+        """gap in [0, G] -> u in [0, 1]."""
+        s = self.scale
+        return -np.expm1(-g / s) / -np.expm1(-self.clip / s)
+
+    def _expand(self, u: np.ndarray) -> np.ndarray:
+        """u in [0, 1] -> gap (inverse of _compand)."""
+        s = self.scale
+        return -s * np.log1p(u * np.expm1(-self.clip / s))
+
+    def _quantise(self, g: np.ndarray) -> np.ndarray:
+        return np.rint(255.0 * self._compand(g))
+
+    def _gap(self, q: np.ndarray) -> np.ndarray:
+        return self._expand(q * (1.0 / 255.0)).astype(np.float32)
+
+    def error_bound(self) -> str:
+        s, g = self.scale, self.clip
+        return f"u = (1-exp(-g/{s}))/(1-exp(-{g}/{s})) to 1/510; gaps over {g} clipped"
+
+
+class GapU16Logits(_GapCodec):
+    """Linear gaps in uint16: near-lossless."""
+
+    name = "gap-u16"
+    code_dtype = np.uint16
+    levels = 65535
+    default_clip = 64.0
+
+    def _quantise(self, g: np.ndarray) -> np.ndarray:
+        return np.rint(65535.0 * (g / self.clip))
+
+    def _gap(self, q: np.ndarray) -> np.ndarray:
+        return q * (self.clip / 65535.0)
+
+    def error_bound(self) -> str:
+        return f"gap error <= {self.clip}/131070; gaps over {self.clip} clipped"
+
+
+#: Logits codec name (as a store records it) -> class.
+LOGIT_CODEC_CLASSES: dict[str, type[LogitCodec]] = {
+    c.name: c for c in (Fp32Logits, Fp16Logits, Int8PixelLogits, Int8ChannelLogits, GapU8Logits, GapU16Logits)
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# features
+
+
 def parse_feature_codec(text: str) -> tuple[str, int | None]:
     """'fp16' -> ('fp16', None); 'pca64' / 'pca:64' -> ('pca', 64)."""
     m = re.fullmatch(r"pca:?(\d+)", text)
@@ -270,63 +439,142 @@ def parse_feature_codec(text: str) -> tuple[str, int | None]:
         if k < 1:
             raise SchemaError("pca needs at least 1 component")
         return "pca", k
-    if text not in FEATURE_CODECS or text == "pca":
+    if text not in FEATURE_CODEC_CLASSES or text == "pca":
         raise SchemaError(f"unknown features codec {text!r}; choose fp32, fp16, int8 or pcaK (e.g. pca64)")
     return text, None
 
 
 class FeatureCodec:
-    """Encode/decode (pooled) features ``(..., C, hp, wp)`` float32."""
+    """Encode/decode (pooled) features ``(..., C, hp, wp)`` float32.
 
-    def __init__(self, name: str, basis: np.ndarray | None = None, mean: np.ndarray | None = None):
-        if name not in FEATURE_CODECS:
-            raise SchemaError(f"unknown features codec {name!r}; choose one of {', '.join(FEATURE_CODECS)}")
-        if name == "pca" and (basis is None or mean is None):
-            raise SchemaError("the pca features codec needs its basis and mean")
-        self.name = name
-        self.basis = None if basis is None else np.asarray(basis, np.float32)  # (k, C)
-        self.mean = None if mean is None else np.asarray(mean, np.float32)  # (C,)
+    ``FeatureCodec(name, ...)`` builds the codec class registered under ``name`` in
+    :data:`FEATURE_CODEC_CLASSES`; :meth:`from_layout` the one a store's layout describes. A codec
+    may keep arrays once per store (:meth:`tables`, stored under ``features/``): the store creates
+    them from :meth:`tables`, writes :meth:`table_values` and hands them back with :meth:`with_tables`.
+    """
+
+    name: ClassVar[str]
+
+    def __new__(cls, name: str | None = None, *args: Any, **kwargs: Any) -> FeatureCodec:
+        if cls is FeatureCodec:
+            cls = _codec_class(FEATURE_CODEC_CLASSES, name, "features")
+        return super().__new__(cls)
+
+    def __init__(self, name: str | None = None):
+        _check_name(self, name)
+
+    @classmethod
+    def from_layout(cls, layout: TargetLayout) -> FeatureCodec:
+        """The codec of a store's ``features`` layout, without its tables (:meth:`with_tables` adds them)."""
+        return _codec_class(FEATURE_CODEC_CLASSES, layout.codec, "features")._describing(layout)
+
+    @classmethod
+    def _describing(cls, layout: TargetLayout) -> FeatureCodec:
+        return cls()
+
+    def tables(self, c: int) -> dict[str, Part]:
+        """Arrays this codec keeps once per store for ``c`` input channels: name -> (shape, dtype)."""
+        return {}
+
+    def table_values(self) -> dict[str, np.ndarray]:
+        """The values of :meth:`tables`, written when a store is created."""
+        return {}
+
+    def with_tables(self, values: dict[str, np.ndarray]) -> FeatureCodec:
+        """This codec with the tables a store holds (read back from it)."""
+        return self
 
     def parts(self, c: int, hp: int, wp: int) -> dict[str, Part]:
-        n = self.name
-        if n in ("fp32", "fp16"):
-            return {"data": Part((c, hp, wp), "float32" if n == "fp32" else "float16")}
-        if n == "int8":
-            return {
-                "q": Part((c, hp, wp), "uint8"),
-                "lo": Part((c,), "float32"),
-                "step": Part((c,), "float32"),
-            }
-        k = self.basis.shape[0]  # type: ignore[union-attr]
-        return {"data": Part((k, hp, wp), "float16")}
+        raise NotImplementedError
 
     def encode(self, f: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
-        f = np.asarray(f, dtype=np.float32)
-        n = self.name
-        if n == "fp32":
-            return {"data": f.copy()}, 0
-        if n == "fp16":
-            data, over = _to_f16(f)
-            return {"data": data}, over
-        if n == "int8":
-            return _affine_u8(f, (-2, -1)), 0
+        """Returns (parts, number of clipped values)."""
+        raise NotImplementedError
+
+    def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Fp32Features(_Float, FeatureCodec):
+    name = "fp32"
+    dtype = "float32"
+
+
+class Fp16Features(_Float, FeatureCodec):
+    name = "fp16"
+    dtype = "float16"
+
+
+class Int8Features(_ChannelAffineU8, FeatureCodec):
+    name = "int8"
+
+
+class PcaFeatures(FeatureCodec):
+    """Projection on a k-dimensional basis: fp16 coefficients per entry, the basis ``(k, C)`` and
+    mean ``(C,)`` float32 once per store (``features/pca_basis``, ``features/pca_mean``)."""
+
+    name = "pca"
+
+    def __init__(
+        self, name: str | None = None, basis: np.ndarray | None = None, mean: np.ndarray | None = None, *, k: int = 0
+    ):
+        super().__init__(name)
+        if basis is None or mean is None:
+            if k < 1:  # only a store's layout may describe the codec before its basis is read
+                raise SchemaError("the pca features codec needs its basis and mean")
+            self.basis = self.mean = None
+            self.k = k
+            return
+        self.basis = np.asarray(basis, np.float32)  # (k, C)
+        self.mean = np.asarray(mean, np.float32)  # (C,)
+        if self.basis.ndim != 2 or self.mean.shape != (self.basis.shape[1],) or (k and k != len(self.basis)):
+            raise SchemaError(
+                f"a pca basis {self.basis.shape} and mean {self.mean.shape} do not fit (k, C) and (C,)"
+                + (f" with k = {k}" if k else "")
+                + ": the store's features/pca_basis or pca_mean is damaged; rebuild it"
+            )
+        self.k = len(self.basis)
+
+    @classmethod
+    def _describing(cls, layout: TargetLayout) -> FeatureCodec:
+        return cls(k=layout.depth)
+
+    def tables(self, c: int) -> dict[str, Part]:
+        return {"pca_basis": Part((self.k, c), "float32"), "pca_mean": Part((c,), "float32")}
+
+    def table_values(self) -> dict[str, np.ndarray]:
+        basis, mean = self._loaded()
+        return {"pca_basis": basis, "pca_mean": mean}
+
+    def with_tables(self, values: dict[str, np.ndarray]) -> FeatureCodec:
+        return PcaFeatures(basis=values["pca_basis"], mean=values["pca_mean"], k=self.k)
+
+    def _loaded(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.basis is None or self.mean is None:
+            raise SchemaError("the pca features codec needs its basis and mean")
+        return self.basis, self.mean
+
+    def parts(self, c: int, hp: int, wp: int) -> dict[str, Part]:
+        return {"data": Part((self.k, hp, wp), "float16")}
+
+    def encode(self, f: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        basis, mean = self._loaded()
         # (..., C, hp, wp) -> (..., k, hp, wp)
-        centred = f - self.mean[:, None, None]  # type: ignore[index]
-        coeff = np.einsum("kc,...chw->...khw", self.basis, centred, optimize=True)
-        data, over = _to_f16(coeff)
+        centred = np.asarray(f, dtype=np.float32) - mean[:, None, None]
+        data, over = _to_f16(np.einsum("kc,...chw->...khw", basis, centred, optimize=True))
         return {"data": data}, over
 
     def decode(self, parts: dict[str, np.ndarray]) -> np.ndarray:
-        n = self.name
-        if n in ("fp32", "fp16"):
-            return parts["data"].astype(np.float32)
-        if n == "int8":
-            lo = parts["lo"][..., :, None, None]
-            step = parts["step"][..., :, None, None]
-            return lo + parts["q"].astype(np.float32) * step
+        basis, mean = self._loaded()
         coeff = parts["data"].astype(np.float32)
-        rec = np.einsum("kc,...khw->...chw", self.basis, coeff, optimize=True)
-        return rec + self.mean[:, None, None]  # type: ignore[index]
+        rec = np.einsum("kc,...khw->...chw", basis, coeff, optimize=True)
+        return rec + mean[:, None, None]
+
+
+#: Features codec name (as a store records it) -> class.
+FEATURE_CODEC_CLASSES: dict[str, type[FeatureCodec]] = {
+    c.name: c for c in (Fp32Features, Fp16Features, Int8Features, PcaFeatures)
+}
 
 
 def fit_pca(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -347,11 +595,3 @@ def fit_pca(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]
     evals, evecs = evals[order], evecs[:, order]
     kept = float(evals[:k].sum() / max(evals.sum(), 1e-30))
     return evecs[:, :k].T.astype(np.float32), mean.astype(np.float32), kept
-
-
-def make_logit_codec(name: str, **params) -> LogitCodec:
-    return LogitCodec(name, **params)
-
-
-def make_feature_codec(name: str, basis: np.ndarray | None = None, mean: np.ndarray | None = None) -> FeatureCodec:
-    return FeatureCodec(name, basis=basis, mean=mean)

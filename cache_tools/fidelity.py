@@ -1,4 +1,6 @@
-"""Fidelity of stored targets against the teacher's exact outputs (numpy, torch-free).
+"""Fidelity of stored targets against the teacher's exact outputs, and the one cell pooling.
+
+numpy only: torch is imported only to pool a torch tensor (:func:`pool_cells`).
 
 The build measures these on a sample of entries and stores them per entry and as a summary; the
 numbers answer "what does this codec cost the losses": KL of the softmax at T=1 and T=4 (what the
@@ -11,8 +13,11 @@ stride=kernel, ceil_mode=True)`` with ``s = 0.5``, so a 65x65 grid gives windows
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from .errors import ConfigError
 from .schema import FIDELITY_COLUMNS
 
 __all__ = [
@@ -57,19 +62,42 @@ def official_kernel(h: int, w: int, pool_scale: float = 0.5) -> tuple[int, int]:
     return max(1, int(h * pool_scale)), max(1, int(w * pool_scale))
 
 
-def pool_cells(feature: np.ndarray, block: tuple[int, int], mode: str = "max") -> np.ndarray:
-    """Pool a (C, h, w) map with kernel = stride = block, ceil mode -> (C, ceil(h/bh), ceil(w/bw)).
+def pool_cells(feature: Any, block: int | tuple[int, int], mode: str = "max") -> Any:
+    """Ceil-mode pooling with kernel = stride = ``block``, no padding: ``(..., C, h, w)`` ->
+    ``(..., C, ceil(h/bh), ceil(w/bw))``, the windows of :func:`node_windows`.
 
-    ``avg`` averages each cell over its real extent (partial last cells are not zero-padded).
+    The one cell pooling of skd: the build's stored cells, the test stores' cells and the student's
+    pair-wise nodes (``MaxPool2d(kernel, stride=kernel, ceil_mode=True)`` in the official code).
+    ``avg`` averages each window over its real extent (a clipped last window is not zero-padded).
+    A torch tensor is pooled by torch on its device (gradients flow); a numpy array by numpy, so
+    that cache tools and test stores need no torch.
+
+    Raises:
+        ConfigError: ``mode`` is neither "max" nor "avg".
     """
-    c, h, w = feature.shape
-    rows, cols = node_windows(h, block[0]), node_windows(w, block[1])
-    out = np.empty((c, len(rows), len(cols)), dtype=np.float32)
+    if mode not in ("max", "avg"):
+        raise ConfigError(f"pool mode must be 'max' or 'avg', got {mode!r}")
+    kh, kw = (block, block) if isinstance(block, int) else block
+    if not isinstance(feature, np.ndarray):
+        return _pool_torch(feature, (kh, kw), mode)
+    *lead, h, w = feature.shape
+    rows, cols = node_windows(h, kh), node_windows(w, kw)
+    out = np.empty((*lead, len(rows), len(cols)), dtype=np.float32)
     reduce = np.max if mode == "max" else np.mean
     for i, (a, b) in enumerate(rows):
         for j, (p, q) in enumerate(cols):
-            out[:, i, j] = reduce(feature[:, a:b, p:q], axis=(1, 2))
+            out[..., i, j] = reduce(feature[..., a:b, p:q], axis=(-2, -1))
     return out
+
+
+def _pool_torch(feature: Any, block: tuple[int, int], mode: str) -> Any:
+    import torch.nn.functional as F
+
+    if block == (1, 1):
+        return feature
+    if mode == "max":
+        return F.max_pool2d(feature, block, stride=block, padding=0, ceil_mode=True)
+    return F.avg_pool2d(feature, block, stride=block, padding=0, ceil_mode=True, count_include_pad=False)
 
 
 def compose_nodes(

@@ -130,19 +130,36 @@ def _decode_ids(arr: np.ndarray) -> list[str]:
     return out
 
 
+def _feature_codec(schema: CacheSchema) -> FeatureCodec | None:
+    """The features codec the schema describes, without its per-store tables."""
+    return None if schema.features is None else FeatureCodec.from_layout(schema.features)
+
+
 def _target_parts(schema: CacheSchema) -> dict[str, dict[str, Part]]:
     k = schema.logits.channels
     h, w = schema.logits.grid
     parts = {"logits": LogitCodec.from_params(schema.logits.codec, schema.logits.params).parts(k, h, w)}
-    if schema.features is not None:
+    codec = _feature_codec(schema)
+    if codec is not None:
         f = schema.features
-        hp, wp = f.cells
-        # the parts only depend on the codec name and stored channel count
-        if f.codec == "pca":
-            parts["features"] = {"data": Part((f.depth, hp, wp), "float16")}
-        else:
-            parts["features"] = FeatureCodec(f.codec).parts(f.channels, hp, wp)
+        parts["features"] = codec.parts(f.channels, *f.cells)  # type: ignore[union-attr]
     return parts
+
+
+def _table_arrays(schema: CacheSchema) -> dict[str, Part]:
+    """Arrays a codec keeps once per store (the PCA basis and mean): path -> (shape, dtype)."""
+    codec = _feature_codec(schema)
+    if codec is None:
+        return {}
+    return {f"{Arrays.FEATURES}/{name}": part for name, part in codec.tables(schema.features.channels).items()}  # type: ignore[union-attr]
+
+
+def _with_tables(schema: CacheSchema, read: Callable[[str], np.ndarray]) -> FeatureCodec | None:
+    """The schema's features codec with the tables it keeps in the store, each read with ``read(path)``."""
+    codec = _feature_codec(schema)
+    if codec is None:
+        return None
+    return codec.with_tables({path.rsplit("/", 1)[1]: read(path) for path in _table_arrays(schema)})
 
 
 def _static_arrays(schema: CacheSchema) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
@@ -164,10 +181,8 @@ def _static_arrays(schema: CacheSchema) -> dict[str, tuple[tuple[int, ...], str,
         Arrays.ENTRY_FIDELITY: ((e, len(FIDELITY_COLUMNS)), "float32", (s, len(FIDELITY_COLUMNS))),
         Arrays.ENTRY_CLIPPED: ((e,), "uint32", (s,)),
     }
-    if schema.features is not None and schema.features.codec == "pca":
-        c, k = schema.features.channels, schema.features.depth
-        out[Arrays.PCA_BASIS] = ((k, c), "float32", (k, c))
-        out[Arrays.PCA_MEAN] = ((c,), "float32", (c,))
+    for path, part in _table_arrays(schema).items():
+        out[path] = (part.shape, part.dtype, part.shape)
     return out
 
 
@@ -388,9 +403,8 @@ MAX_SHARD_BYTES = 1 << 32
 
 def _check_sizes(schema: CacheSchema) -> None:
     """Refuse entries and shard objects larger than any real store's, from the schema's numbers alone."""
-    sizes = {p: int(np.prod(part.shape)) * np.dtype(part.dtype).itemsize for p, part in _data_arrays(schema).items()}
-    if schema.features is not None and schema.features.codec == "pca":
-        sizes[Arrays.PCA_BASIS] = 4 * schema.features.depth * schema.features.channels
+    arrays = {**_data_arrays(schema), **_table_arrays(schema)}
+    sizes = {p: int(np.prod(part.shape)) * np.dtype(part.dtype).itemsize for p, part in arrays.items()}
     entry = sum(sizes.values())
     if entry > MAX_ENTRY_BYTES:
         raise SchemaError(
@@ -452,13 +466,7 @@ class CacheReader:
         self.schema = schema
         self._arrays = arrays
         self.logit_codec = LogitCodec.from_params(schema.logits.codec, schema.logits.params)
-        self.feature_codec: FeatureCodec | None = None
-        if schema.features is not None:
-            basis = mean = None
-            if schema.features.codec == "pca":
-                basis = self._table(Arrays.PCA_BASIS)
-                mean = self._table(Arrays.PCA_MEAN)
-            self.feature_codec = FeatureCodec(schema.features.codec, basis=basis, mean=mean)
+        self.feature_codec = _with_tables(schema, self._table)
         self.image_ids = _decode_ids(self._table(Arrays.IMAGE_ID))
         self.image_sizes = self._table(Arrays.IMAGE_SIZE).astype(np.int64)
         self.entry_image = self._table(Arrays.ENTRY_IMAGE).astype(np.int64)
@@ -727,6 +735,11 @@ class CacheWriter:
         with storage_errors(self.url):
             return self._arrays[Arrays.ENTRY_DONE][...].astype(bool)
 
+    def feature_codec(self) -> FeatureCodec | None:
+        """The store's features codec with the tables it holds (a resumed build encodes with them)."""
+        with storage_errors(self.url):
+            return _with_tables(self.schema, lambda path: self._arrays[path][...])
+
     def pending_shards(self) -> list[int]:
         done = self.done()
         out = []
@@ -815,7 +828,7 @@ def _create_store(
     image_sizes: np.ndarray,
     views: list[View],
     grids: np.ndarray,
-    pca: tuple[np.ndarray, np.ndarray] | None,
+    tables: dict[str, np.ndarray],
     storage_options: dict | None,
 ) -> Any:
     import zarr
@@ -857,9 +870,8 @@ def _create_store(
         group[Arrays.ENTRY_FIDELITY][...] = np.full(
             (schema.num_entries, len(FIDELITY_COLUMNS)), np.nan, dtype=np.float32
         )
-        if pca is not None:
-            group[Arrays.PCA_BASIS][...] = pca[0]
-            group[Arrays.PCA_MEAN][...] = pca[1]
+        for path, value in tables.items():
+            group[path][...] = value
         # last, in one write of the root document: the schema attribute replaces the marker
         group.attrs.put({ROOT_ATTR: schema.to_dict()})
     return group
@@ -999,7 +1011,7 @@ def prepare_cache(
     image_sizes: np.ndarray,
     views: list[View],
     grids: np.ndarray,
-    pca: tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+    feature_codec: FeatureCodec | Callable[[], FeatureCodec] | None = None,
     overwrite: bool = False,
     storage_options: dict | None = None,
 ) -> tuple[CacheWriter, bool]:
@@ -1013,8 +1025,9 @@ def prepare_cache(
     deleted and replaced. Never, even with ``overwrite``: a file, or a folder that holds no zarr store.
 
     Args:
-        pca: the PCA (basis, mean) of a ``pca`` feature codec, or a function computing it, called
-            only when a store is created (a resumed store keeps its own basis).
+        feature_codec: the features codec whose per-store tables (a ``pca`` codec's basis and mean)
+            a new store holds, or a function making it, called only when a store is created (a
+            resumed store keeps its own tables). Not needed for codecs without tables.
 
     Returns:
         (writer, resumed). ``resumed`` is True when an existing store is continued.
@@ -1033,8 +1046,7 @@ def prepare_cache(
         if writer is not None:
             return writer, True
         clear = True
-    if callable(pca):
-        pca = pca()  # may fail (a bad teacher): before anything at the destination is deleted
+    tables = _table_values(schema, feature_codec)  # may fail (a bad teacher): before anything is deleted
     if clear:
         remove_store(url, storage_options)
     schema = schema.with_status(status="building", created=_now(), tool_version=__version__)
@@ -1045,10 +1057,28 @@ def prepare_cache(
         image_sizes=image_sizes,
         views=views,
         grids=grids,
-        pca=pca,
+        tables=tables,
         storage_options=storage_options,
     )
     return CacheWriter(url, group, schema, storage_options), False
+
+
+def _table_values(
+    schema: CacheSchema,
+    feature_codec: FeatureCodec | Callable[[], FeatureCodec] | None,
+) -> dict[str, np.ndarray]:
+    """Path -> value of every per-store codec table of a new store (checked against the schema)."""
+    paths = _table_arrays(schema)
+    if not paths:
+        return {}
+    if feature_codec is None:
+        raise ValueError(f"a store with {', '.join(paths)} needs the features codec that holds them")
+    codec = feature_codec if isinstance(feature_codec, FeatureCodec) else feature_codec()
+    values = {f"{Arrays.FEATURES}/{name}": value for name, value in codec.table_values().items()}
+    for path, part in paths.items():
+        if path not in values or values[path].shape != part.shape:
+            raise ValueError(f"the features codec's {path} does not fit the schema's {part.shape}")
+    return values
 
 
 def attach_cache(url: str | os.PathLike, schema: CacheSchema, *, storage_options: dict | None = None) -> CacheWriter:

@@ -11,10 +11,10 @@ import hashlib
 
 import numpy as np
 
-from .codecs import FeatureCodec, LogitCodec
-from .fidelity import compose_nodes, entry_fidelity, official_kernel, pool_cells
+from .codecs import FeatureCodec, LogitCodec, fit_pca
+from .entries import encode_entry, write_encoded_shard
+from .fidelity import pool_cells
 from .schema import (
-    FIDELITY_COLUMNS,
     CacheSchema,
     Compressor,
     DatasetStamp,
@@ -25,7 +25,7 @@ from .schema import (
     ViewsParams,
     ids_digest,
 )
-from .store import CacheWriter, entry_checksum, prepare_cache
+from .store import CacheWriter, prepare_cache
 
 __all__ = ["synthetic_maps", "synthetic_schema", "make_synthetic_cache", "write_entries"]
 
@@ -103,39 +103,19 @@ def write_entries(
     schema = writer.schema
     k = schema.entries_per_image
     lc = LogitCodec.from_params(schema.logits.codec, schema.logits.params)
-    fc = FeatureCodec(schema.features.codec) if schema.features is not None else None
+    fc = writer.feature_codec()
+    layout = schema.features
     for s in range(schema.num_shards) if shards is None else shards:
         a, b = schema.shard_range(s)
-        lparts, fparts, sums, rows = [], [], [], []
+        encoded = []
         for e in range(a, b):
             logits, feat = maps[e]
-            h, w = logits.shape[-2:]
-            lp, _ = lc.encode(logits)
-            parts = {"logits": lp}
-            row = np.full(len(FIDELITY_COLUMNS), np.nan, np.float32)
-            ref_nodes = dec_nodes = None
-            if fc is not None:
-                layout = schema.features
-                cells = pool_cells(feat, layout.block, layout.pool)  # type: ignore[union-attr]
-                fp, _ = fc.encode(cells)
-                parts["features"] = fp
-                fparts.append(fp)
-                kernel = official_kernel(h, w)
-                ref_nodes = compose_nodes(cells, layout.block, (h, w), kernel, layout.pool)  # type: ignore[union-attr]
-                dec_nodes = compose_nodes(fc.decode(fp), layout.block, (h, w), kernel, layout.pool)  # type: ignore[union-attr]
-            row = entry_fidelity(logits, lc.decode(lp), ref_nodes, dec_nodes)
-            lparts.append(lp)
-            sums.append(entry_checksum(parts))
-            rows.append(row)
-        writer.write_shard(
-            s,
-            logits={n: np.stack([p[n] for p in lparts]) for n in lparts[0]},
-            features={n: np.stack([p[n] for p in fparts]) for n in fparts[0]} if fparts else None,
-            image_sha256=np.stack([np.frombuffer(image_sha256[i], np.uint8) for i in range(a // k, b // k)]),
-            checksums=np.array(sums, np.uint64),
-            fidelity=np.stack(rows),
-            clipped=np.zeros(b - a, np.uint32),
-        )
+            cells = None if layout is None else pool_cells(feat, layout.block, layout.pool)
+            encoded.append(
+                encode_entry(logits, cells, logits.shape[-2:], logit_codec=lc, feature_codec=fc, features=layout)
+            )
+        sha = np.stack([np.frombuffer(image_sha256[i], np.uint8) for i in range(a // k, b // k)])
+        write_encoded_shard(writer, s, encoded, sha)
 
 
 def make_synthetic_cache(
@@ -175,6 +155,10 @@ def make_synthetic_cache(
     else:
         views = [View.identity(i, tuple(sizes[i]), flip=bool(j)) for i in range(schema.num_images) for j in range(k)]
     grids = np.tile(np.array([[h, w]]), (schema.num_entries, 1))
+    exact = {
+        e: synthetic_maps(rng, schema.logits.channels, schema.teacher.feature_channels, h, w)
+        for e in range(schema.num_entries)
+    }
     writer, _ = prepare_cache(
         url,
         schema,
@@ -182,15 +166,21 @@ def make_synthetic_cache(
         image_sizes=sizes,
         views=views,
         grids=grids,
+        feature_codec=lambda: _fitted_pca(schema, exact),
         storage_options=storage_options,
         overwrite=overwrite,
     )
     digests = image_sha256 or [hashlib.sha256(i.encode()).digest() for i in ids]
-    exact = {
-        e: synthetic_maps(rng, schema.logits.channels, schema.teacher.feature_channels, h, w)
-        for e in range(schema.num_entries)
-    }
     write_entries(writer, exact, digests, shards)
     if finalize and shards is None:
         writer.finalize({"device": "cpu", "seconds": 0.0})
     return writer, exact
+
+
+def _fitted_pca(schema: CacheSchema, exact: dict[int, tuple[np.ndarray, np.ndarray]]) -> FeatureCodec:
+    """A ``pca`` schema's codec, fitted on the pooled cells of the synthetic maps (as the build fits it)."""
+    f = schema.features
+    assert f is not None and f.codec == "pca", "only a pca store keeps codec tables"
+    cells = [pool_cells(feat, f.block, f.pool) for _, feat in exact.values()]
+    basis, mean, _ = fit_pca(np.concatenate([c.reshape(c.shape[0], -1).T for c in cells]), f.depth)
+    return FeatureCodec("pca", basis, mean)

@@ -118,6 +118,57 @@ def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
+@dataclass(frozen=True)
+class _Place:
+    """One end of a copy: its URL, fsspec filesystem and root path; storage errors name the URL."""
+
+    url: str
+    fs: Any
+    root: str
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict | None) -> _Place:
+        with storage_errors(url):
+            return cls(url, *_filesystem(url, storage_options))
+
+    def listing(self) -> dict[str, int]:
+        """Relative key -> size of every object there."""
+        with storage_errors(self.url):
+            return _listing(self.fs, self.root)
+
+    def read(self, rel: str) -> bytes:
+        with storage_errors(self.url):
+            return self.fs.cat_file(f"{self.root}/{rel}")
+
+    def write(self, rel: str, data: bytes) -> None:
+        _write_verified(self.fs, f"{self.root}/{rel}", data, self.url)
+
+    def same(self, other: _Place, rel: str) -> bool:
+        """Whether ``rel`` holds the same bytes here and at ``other`` (False when it is missing there)."""
+        try:
+            return _digest(self.fs.cat_file(f"{self.root}/{rel}")) == _digest(other.fs.cat_file(f"{other.root}/{rel}"))
+        except FileNotFoundError:
+            return False
+
+
+@dataclass
+class _Tally:
+    """Bytes and objects done so far, reported to a ``progress(bytes, total_bytes, objects, total)`` callback."""
+
+    total_bytes: int
+    total_objects: int
+    progress: Callable[[int, int, int, int], None] | None
+    bytes_done: int = 0
+    objects_done: int = 0
+
+    def add(self, nbytes: int) -> None:
+        """One more object done, of ``nbytes`` bytes."""
+        self.bytes_done += nbytes
+        self.objects_done += 1
+        if self.progress is not None:
+            self.progress(self.bytes_done, self.total_bytes, self.objects_done, self.total_objects)
+
+
 def copy_cache(
     src: str,
     dst: str,
@@ -160,78 +211,26 @@ def copy_cache(
             f"cannot copy from {src}: plain HTTP cannot list a store's objects; copy from the location "
             "the web server publishes, or read the cache over HTTP directly"
         )
-    with storage_errors(src):
-        sfs, sroot = _filesystem(src, storage_options)
-        objects = _listing(sfs, sroot)
+    source = _Place.open(src, storage_options)
+    objects = source.listing()
     if "zarr.json" not in objects:
         raise NotACacheError(f"{src} has no root zarr.json; nothing to copy")
-    with storage_errors(dst):
-        dfs, droot = _filesystem(dst, dst_opts)
-        existing = _listing(dfs, droot)
-    src_root_doc = _read(sfs, f"{sroot}/zarr.json", src)
-    if "zarr.json" in existing:
-        dst_root_doc = _read(dfs, f"{droot}/zarr.json", dst)
-        if dst_root_doc != src_root_doc:
-            if not _is_cache(dst, dst_opts) and not overwrite:
-                raise NotACacheError(
-                    f"{dst} holds a zarr store that is not an skd cache; refusing to write there: choose another "
-                    f"destination, or pass --overwrite to delete everything at {dst}"
-                )
-            if not overwrite:
-                raise ConfigMismatchError(
-                    f"{dst} already holds a different cache (or another state of this one); pass --overwrite to replace it"
-                )
-            with storage_errors(dst, writing=True):
-                remove_store(dst, dst_opts)
-            existing = {}
-    elif existing:
-        strangers = sorted(set(existing) - set(objects))
-        if strangers:
-            raise NotACacheError(
-                f"{dst} holds files that are not part of {src} (e.g. {strangers[0]}); refusing to write there: "
-                "choose another destination (skd never deletes files it did not write)"
-            )
-        logger.info("%s: continuing a partial copy (%d objects there)", dst, len(existing))
-
-    todo, skipped = [], []
-    for rel, size in sorted(objects.items()):
-        if rel == "zarr.json":
-            continue
-        small = size <= _SMALL or checksum
-        if existing.get(rel) == size and (not small or _same(sfs, f"{sroot}/{rel}", dfs, f"{droot}/{rel}")):
-            skipped.append(rel)
-        else:
-            todo.append(rel)
-    root_done = existing.get("zarr.json") == objects["zarr.json"] and "zarr.json" in existing
-    total_bytes = sum(objects.values())
-    state = {"bytes": sum(objects[r] for r in skipped), "objects": len(skipped)}
-
-    def tick(n: int) -> None:
-        state["bytes"] += n
-        state["objects"] += 1
-        if progress is not None:
-            progress(state["bytes"], total_bytes, state["objects"], len(objects))
-
-    def one(rel: str) -> int:
-        data = _read(sfs, f"{sroot}/{rel}", src)
-        _write_verified(dfs, f"{droot}/{rel}", data, dst)
-        return len(data)
-
-    copied_bytes = 0
-    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-        for n in pool.map(one, todo):
-            copied_bytes += n
-            tick(n)
+    dest = _Place.open(dst, dst_opts)
+    existing = dest.listing()
+    root_doc = source.read("zarr.json")
+    existing = _clear_destination(source, dest, root_doc, objects, existing, dst_opts, overwrite)
+    todo, skipped = _plan_copy(source, dest, objects, existing, checksum)
+    tally = _Tally(sum(objects.values()), len(objects), progress, sum(objects[r] for r in skipped), len(skipped))
+    copied_bytes = _copy_objects(source, dest, todo, workers, tally)
     # last: the root document that makes the destination a cache
-    if not root_done:
-        _write_verified(dfs, f"{droot}/zarr.json", src_root_doc, dst)
-        copied_bytes += len(src_root_doc)
-        todo.append("zarr.json")
-    else:
+    if existing.get("zarr.json") == objects["zarr.json"] and "zarr.json" in existing:
         skipped.append("zarr.json")
-    tick(objects["zarr.json"])
-    copy = open_cache(dst, storage_options=dst_opts, allow_incomplete=True)
-    if copy.schema != reader.schema:
+    else:
+        dest.write("zarr.json", root_doc)
+        copied_bytes += len(root_doc)
+        todo.append("zarr.json")
+    tally.add(objects["zarr.json"])
+    if open_cache(dst, storage_options=dst_opts, allow_incomplete=True).schema != reader.schema:
         raise CacheWriteError(f"the copy at {dst} does not describe the same cache as {src}")
     return CopyReport(
         src=src,
@@ -246,24 +245,86 @@ def copy_cache(
     )
 
 
+def _clear_destination(
+    source: _Place,
+    dest: _Place,
+    root_doc: bytes,
+    objects: dict[str, int],
+    existing: dict[str, int],
+    opts: dict | None,
+    overwrite: bool,
+) -> dict[str, int]:
+    """What of ``existing`` can stay: all of a partial copy; nothing of another store, which is
+    removed with ``overwrite`` and refused without it. Files skd did not write are always refused."""
+    if "zarr.json" in existing:
+        if dest.read("zarr.json") == root_doc:
+            return existing
+        if not _is_cache(dest.url, opts) and not overwrite:
+            raise NotACacheError(
+                f"{dest.url} holds a zarr store that is not an skd cache; refusing to write there: choose another "
+                f"destination, or pass --overwrite to delete everything at {dest.url}"
+            )
+        if not overwrite:
+            raise ConfigMismatchError(
+                f"{dest.url} already holds a different cache (or another state of this one); "
+                "pass --overwrite to replace it"
+            )
+        with storage_errors(dest.url, writing=True):
+            remove_store(dest.url, opts)
+        return {}
+    if existing:
+        strangers = sorted(set(existing) - set(objects))
+        if strangers:
+            raise NotACacheError(
+                f"{dest.url} holds files that are not part of {source.url} (e.g. {strangers[0]}); refusing to "
+                "write there: choose another destination (skd never deletes files it did not write)"
+            )
+        logger.info("%s: continuing a partial copy (%d objects there)", dest.url, len(existing))
+    return existing
+
+
+def _plan_copy(
+    source: _Place, dest: _Place, objects: dict[str, int], existing: dict[str, int], checksum: bool
+) -> tuple[list[str], list[str]]:
+    """(objects to copy, objects already there) in key order, the root document in neither.
+
+    An object of the same size is already there; a small one (or any, with ``checksum``) only
+    when its bytes are equal too.
+    """
+    todo, skipped = [], []
+    for rel, size in sorted(objects.items()):
+        if rel == "zarr.json":
+            continue
+        small = size <= _SMALL or checksum
+        if existing.get(rel) == size and (not small or source.same(dest, rel)):
+            skipped.append(rel)
+        else:
+            todo.append(rel)
+    return todo, skipped
+
+
+def _copy_objects(source: _Place, dest: _Place, todo: list[str], workers: int, tally: _Tally) -> int:
+    """Copy ``todo`` in parallel, every object read back and compared; returns the bytes copied."""
+
+    def one(rel: str) -> int:
+        data = source.read(rel)
+        dest.write(rel, data)
+        return len(data)
+
+    copied = 0
+    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+        for n in pool.map(one, todo):
+            copied += n
+            tally.add(n)
+    return copied
+
+
 def _is_cache(url: str, storage_options: dict | None) -> bool:
     try:
         open_cache(url, storage_options=storage_options, allow_incomplete=True)
     except CacheError:
         return False
     return True
-
-
-def _read(fs: Any, path: str, url: str) -> bytes:
-    with storage_errors(url):
-        return fs.cat_file(path)
-
-
-def _same(sfs: Any, spath: str, dfs: Any, dpath: str) -> bool:
-    try:
-        return _digest(sfs.cat_file(spath)) == _digest(dfs.cat_file(dpath))
-    except FileNotFoundError:
-        return False
 
 
 def _write_verified(fs: Any, path: str, data: bytes, url: str, attempts: int = 3) -> None:
@@ -392,7 +453,45 @@ def _write_store(
     progress: Callable[[int, int], None] | None,
     t0: float,
 ) -> WriteReport:
-    k = schema.entries_per_image
+    """Write the store ``schema`` describes at ``dst``, image ``j`` copied from ``picks[j]``; or resume it."""
+    ids, sizes, views, grids = _layout(picks)
+    for p in picks:  # every copied entry must exist: refuse before anything is written
+        if not p.reader.done[list(p.reader.entries_of_image(p.image))].all():
+            raise IncompleteCacheError(
+                f"image {p.reader.image_ids[p.image]!r} of {p.reader.url} was never fully written; "
+                "finish (resume) that build first"
+            )
+    writer, resumed = prepare_cache(
+        dst,
+        schema,
+        image_ids=ids,
+        image_sizes=np.asarray(sizes, dtype=np.int64),
+        views=views,
+        grids=np.asarray(grids, dtype=np.int64),
+        feature_codec=picks[0].reader.feature_codec,  # its tables (a pca basis) go along
+        overwrite=overwrite,
+        storage_options=dst_storage_options,
+    )
+    if writer.schema.status == "complete":
+        # nothing to do: finalising again would rewrite the provenance and the root document
+        return _report(dst, sources, writer.schema, 0, resumed, 0, t0)
+    pending = writer.pending_shards()
+    paths = list(_data_arrays(writer.schema))
+    entries_done = schema.num_entries - len(pending) * schema.shard_entries
+    nbytes = 0
+    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+        written = pool.map(lambda shard: _copy_shard(writer, picks, paths, shard), pending)
+        for shard, n in zip(pending, written, strict=True):
+            a, b = writer.schema.shard_range(shard)
+            entries_done += b - a
+            nbytes += n
+            if progress is not None:
+                progress(entries_done, schema.num_entries)
+    return _report(dst, sources, writer.finalize(), len(pending), resumed, nbytes, t0)
+
+
+def _layout(picks: list[_Source]) -> tuple[list[str], list[np.ndarray], list[View], list[np.ndarray]]:
+    """Image ids, image sizes, views (renumbered to the new image order) and grids of the new store."""
     ids, sizes, views, grids = [], [], [], []
     for j, p in enumerate(picks):
         r = p.reader
@@ -402,88 +501,66 @@ def _write_store(
             v = r.view(e)
             views.append(View(j, v.scale, v.resized, v.box, v.flip))
             grids.append(r.entry_grid[e])
-    for p in picks:  # every copied entry must exist: refuse before anything is written
-        if not p.reader.done[list(p.reader.entries_of_image(p.image))].all():
-            raise IncompleteCacheError(
-                f"image {p.reader.image_ids[p.image]!r} of {p.reader.url} was never fully written; "
-                "finish (resume) that build first"
-            )
-    pca = None
-    if schema.features is not None and schema.features.codec == "pca":
-        first = picks[0].reader
-        pca = (first.array(Arrays.PCA_BASIS)[...], first.array(Arrays.PCA_MEAN)[...])
-    writer, resumed = prepare_cache(
-        dst,
-        schema,
-        image_ids=ids,
-        image_sizes=np.asarray(sizes, dtype=np.int64),
-        views=views,
-        grids=np.asarray(grids, dtype=np.int64),
-        pca=pca,
-        overwrite=overwrite,
-        storage_options=dst_storage_options,
+    return ids, sizes, views, grids
+
+
+def _runs(chosen: list[_Source], k: int) -> list[tuple[CacheReader, int, int]]:
+    """``chosen`` as contiguous entry ranges ``(reader, start, stop)`` of one source each."""
+    runs: list[tuple[CacheReader, int, int]] = []
+    for p in chosen:
+        e0, e1 = p.image * k, (p.image + 1) * k
+        if runs and runs[-1][0] is p.reader and runs[-1][2] == e0:
+            runs[-1] = (p.reader, runs[-1][1], e1)
+        else:
+            runs.append((p.reader, e0, e1))
+    return runs
+
+
+def _copy_shard(writer: Any, picks: list[_Source], paths: list[str], shard: int) -> int:
+    """Write one shard of the new store from its sources' encoded parts, each entry checked against
+    its checksum; one slice read per part and contiguous run. Returns the bytes written."""
+    k = writer.schema.entries_per_image
+    a, b = writer.schema.shard_range(shard)
+    values: dict[str, list[np.ndarray]] = {p: [] for p in paths}
+    rows: dict[str, list[np.ndarray]] = {}
+    for r, e0, e1 in _runs(picks[a // k : b // k], k):
+        with storage_errors(r.url):
+            got = {p: np.asarray(r.array(p)[e0:e1]) for p in paths}
+            run_rows = {
+                t: r.array(t)[e0:e1] for t in (Arrays.ENTRY_CHECKSUM, Arrays.ENTRY_FIDELITY, Arrays.ENTRY_CLIPPED)
+            }
+            run_rows[Arrays.IMAGE_SHA256] = r.array(Arrays.IMAGE_SHA256)[e0 // k : e1 // k]
+        _check_run(r, e0, got, run_rows[Arrays.ENTRY_CHECKSUM])
+        for p in paths:
+            values[p].append(got[p])
+        for t, v in run_rows.items():
+            rows.setdefault(t, []).append(v)
+    stacked = {p: np.concatenate(v) for p, v in values.items()}
+    table = {t: np.concatenate(v) for t, v in rows.items()}
+    return writer.write_shard(
+        shard,
+        logits={p.split("/", 1)[1]: v for p, v in stacked.items() if p.startswith(Arrays.LOGITS + "/")},
+        features={p.split("/", 1)[1]: v for p, v in stacked.items() if p.startswith(Arrays.FEATURES + "/")} or None,
+        image_sha256=table[Arrays.IMAGE_SHA256],
+        checksums=table[Arrays.ENTRY_CHECKSUM].astype(np.uint64),
+        fidelity=table[Arrays.ENTRY_FIDELITY],
+        clipped=table[Arrays.ENTRY_CLIPPED],
     )
-    if writer.schema.status == "complete":
-        # nothing to do: finalising again would rewrite the provenance and the root document
-        return _report(dst, sources, writer.schema, 0, resumed, 0, t0)
-    pending = writer.pending_shards()
-    paths = list(_data_arrays(writer.schema))
-    state = {"entries": schema.num_entries - len(pending) * schema.shard_entries, "bytes": 0}
 
-    def write(shard: int) -> int:
-        a, b = writer.schema.shard_range(shard)
-        chosen = picks[a // k : b // k]
-        values: dict[str, list[np.ndarray]] = {p: [] for p in paths}
-        sums, fid, clipped, shas = [], [], [], []
-        # contiguous runs of one source: one slice read per part and run
-        runs: list[tuple[CacheReader, int, int]] = []
-        for p in chosen:
-            e0, e1 = p.image * k, (p.image + 1) * k
-            if runs and runs[-1][0] is p.reader and runs[-1][2] == e0:
-                runs[-1] = (p.reader, runs[-1][1], e1)
-            else:
-                runs.append((p.reader, e0, e1))
-        for r, e0, e1 in runs:
-            with storage_errors(r.url):
-                got = {p: np.asarray(r.array(p)[e0:e1]) for p in paths}
-                want = r.array(Arrays.ENTRY_CHECKSUM)[e0:e1]
-                fid.append(r.array(Arrays.ENTRY_FIDELITY)[e0:e1])
-                clipped.append(r.array(Arrays.ENTRY_CLIPPED)[e0:e1])
-                shas.append(r.array(Arrays.IMAGE_SHA256)[e0 // k : e1 // k])
-            for j in range(e1 - e0):
-                parts: dict[str, dict[str, np.ndarray]] = {}
-                for p in paths:
-                    target, name = p.split("/", 1)
-                    parts.setdefault(target, {})[name] = got[p][j]
-                if entry_checksum(parts) != int(want[j]):
-                    image_id = r.image_ids[int(r.entry_image[e0 + j])]
-                    raise CorruptEntryError(
-                        f"entry {e0 + j} ({image_id}) of {r.url} does not match its checksum; "
-                        f"run `skdcache verify {r.url}` and rebuild that shard"
-                    )
-                sums.append(int(want[j]))
-            for p in paths:
-                values[p].append(got[p])
-        stacked = {p: np.concatenate(v) for p, v in values.items()}
-        n = writer.write_shard(
-            shard,
-            logits={p.split("/", 1)[1]: v for p, v in stacked.items() if p.startswith(Arrays.LOGITS + "/")},
-            features={p.split("/", 1)[1]: v for p, v in stacked.items() if p.startswith(Arrays.FEATURES + "/")} or None,
-            image_sha256=np.concatenate(shas),
-            checksums=np.asarray(sums, dtype=np.uint64),
-            fidelity=np.concatenate(fid),
-            clipped=np.concatenate(clipped),
-        )
-        return n
 
-    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-        for shard, n in zip(pending, pool.map(write, pending), strict=True):
-            a, b = writer.schema.shard_range(shard)
-            state["entries"] += b - a
-            state["bytes"] += n
-            if progress is not None:
-                progress(state["entries"], schema.num_entries)
-    return _report(dst, sources, writer.finalize(), len(pending), resumed, state["bytes"], t0)
+def _check_run(r: CacheReader, e0: int, got: dict[str, np.ndarray], want: np.ndarray) -> None:
+    """Refuse to copy an entry of ``got`` (entries ``e0...`` of ``r``) that does not match its checksum."""
+    for j in range(len(want)):
+        parts: dict[str, dict[str, np.ndarray]] = {}
+        for p, v in got.items():
+            target, name = p.split("/", 1)
+            parts.setdefault(target, {})[name] = v[j]
+        if entry_checksum(parts) != int(want[j]):
+            image_id = r.image_ids[int(r.entry_image[e0 + j])]
+            raise CorruptEntryError(
+                f"entry {e0 + j} ({image_id}) of {r.url} does not match its checksum; "
+                f"run `skdcache verify {r.url}` and rebuild that shard"
+            )
 
 
 def _report(

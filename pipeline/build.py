@@ -21,20 +21,22 @@ entries of the fidelity sample (``precision_error``, :func:`measure_precision`),
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cache_tools.clikit import start_workers
 from cache_tools.codecs import FeatureCodec, LogitCodec, fit_pca, parse_feature_codec
 from cache_tools.datasets import SegDataset, open_dataset
+from cache_tools.entries import encode_entry, write_encoded_shard
 from cache_tools.errors import ConfigError, ConfigMismatchError, DatasetError, ModelError, SchemaError, SkdError
 from cache_tools.fidelity import compose_nodes, entry_fidelity, official_kernel, summarize
 from cache_tools.options import MAX_SEED, MAX_SIDE, check_options, option
@@ -47,16 +49,16 @@ from cache_tools.schema import (
     DatasetStamp,
     DenseParams,
     TargetLayout,
-    TeacherStamp,
     View,
     ViewsParams,
     ids_digest,
 )
 from cache_tools.storage import is_remote, local_path, remove_store
-from cache_tools.store import CacheWriter, entry_checksum, prepare_cache
+from cache_tools.store import CacheWriter, prepare_cache
+from cache_tools.workers import start_workers
 
 from .inference import PRECISIONS, check_precision, output_grid, pick_device, pool_cells, run_teacher, slide_teacher
-from .teachers import Teacher, create_teacher
+from .teachers import Teacher
 from .views import OFFICIAL_SCALES, apply_view, sample_views
 
 __all__ = [
@@ -259,21 +261,7 @@ def _default_shard_images(entry_bytes: int, per_image: int, num_images: int) -> 
 def plan_build(config: BuildConfig) -> BuildPlan:
     """Validate the inputs and work out the store layout. Touches nothing on the destination."""
     dataset = open_dataset(config.data, splits=config.splits)
-    records = list(range(len(dataset)))
-    skipped: list[str] = []
-    if config.skip_unreadable:
-        keep = []
-        for i in records:
-            rec = dataset.records[i]
-            problem = _readable(dataset, i)
-            if problem is None:
-                keep.append(i)
-            else:
-                skipped.append(rec.id)
-                logger.warning("skipping unreadable image %s: %s", rec.id, problem)
-        records = keep
-        if not records:
-            raise DatasetError(f"no readable images under {config.data}")
+    records, skipped = _readable_records(config, dataset)
     ids = [dataset.records[i].id for i in records]
     sizes = np.array([dataset.image_size(i) for i in records], dtype=np.int64)  # refuses what load() would
 
@@ -284,57 +272,9 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     teacher_check = _recorded_check(config, info.weights_sha256) or run_teacher_check(
         config, teacher, dataset, device, precision
     )
-
+    views, grids, canvas = _plan_entries(config, teacher.model, sizes)
+    logits_layout, features_layout = _plan_layouts(config, dataset.num_classes, info.feature_channels, canvas)
     k = config.entries_per_image
-    if config.mode == "views":
-        crop = config.crop
-        views = sample_views(config.view_seed, [tuple(s) for s in sizes], k, crop, config.scales, config.flip)
-        grid = output_grid(teacher.model, *crop)
-        grids = np.tile(np.array(grid, dtype=np.int64), (len(views), 1))
-        canvas = grid
-    else:
-        if config.inference == "slide":
-            assert config.tile is not None
-        views = []
-        for i, (h, w) in enumerate(sizes):
-            views.append(View.identity(i, (int(h), int(w))))
-            if config.dense_flip:
-                views.append(View.identity(i, (int(h), int(w)), flip=True))
-        grid_of = {}
-        for h, w in {(int(h), int(w)) for h, w in sizes}:
-            grid_of[(h, w)] = output_grid(teacher.model, h, w)
-        grids = np.array([grid_of[(int(sizes[v.image][0]), int(sizes[v.image][1]))] for v in views], dtype=np.int64)
-        canvas = (int(grids[:, 0].max()), int(grids[:, 1].max()))
-
-    logit_codec = LogitCodec(config.logits_codec, clip=config.logits_clip)
-    comp = Compressor.parse(config.compressor)
-    logits_layout = TargetLayout(
-        codec=logit_codec.name, channels=dataset.num_classes, grid=canvas, compressor=comp, params=logit_codec.params
-    )
-    features_layout = None
-    if config.features:
-        fname, k_pca = parse_feature_codec(config.features_codec)
-        if config.features_block is not None:
-            block = config.features_block
-        elif config.mode == "views":
-            block = official_kernel(*canvas)
-        else:
-            block = (8, 8)
-        if k_pca is not None and k_pca > info.feature_channels:
-            raise ConfigError(
-                f"--features-codec pca{k_pca} keeps more channels than the teacher has ({info.feature_channels})"
-            )
-        features_layout = TargetLayout(
-            codec=fname,
-            channels=info.feature_channels,
-            grid=canvas,
-            compressor=comp,
-            pool=config.features_pool,
-            block=tuple(block),  # type: ignore[arg-type]
-            stored_channels=k_pca,
-            params={"components": k_pca} if k_pca else {},
-        )
-
     entry_bytes = canvas[0] * canvas[1] * (dataset.num_classes + 2)
     if features_layout is not None:
         hp, wp = features_layout.cells
@@ -342,11 +282,10 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     shard_images = config.shard_images or _default_shard_images(entry_bytes, k, len(records))
     if shard_images < 1:
         raise ConfigError("--shard-size must be at least 1 image")
-    id_bytes = max(16, max(len(s.encode()) for s in ids))
 
     schema = CacheSchema(
         mode=config.mode,
-        teacher=TeacherStamp.from_dict({**info.to_dict(), **_conventions(teacher.model)}),
+        teacher=info,
         dataset=DatasetStamp(
             name=dataset.name,
             splits=tuple(config.splits),
@@ -358,7 +297,7 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         num_entries=len(views),
         entries_per_image=k,
         shard_entries=shard_images * k,
-        id_bytes=id_bytes,
+        id_bytes=max(16, max(len(s.encode()) for s in ids)),
         logits=logits_layout,
         features=features_layout,
         views=(
@@ -371,7 +310,7 @@ def plan_build(config: BuildConfig) -> BuildPlan:
             if config.mode == "dense"
             else None
         ),
-        build=_provenance(precision, recognised, teacher_check),  # recorded at creation: a resume must use the same
+        build=_provenance(precision, recognised, teacher_check, slide=config.inference == "slide"),
     )
     return BuildPlan(
         config,
@@ -391,9 +330,82 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     )
 
 
-def _provenance(precision: str, recognised: dict | None, teacher_check: dict | None) -> dict:
-    """The ``build`` provenance written when the store is created."""
+def _readable_records(config: BuildConfig, dataset: SegDataset) -> tuple[list[int], list[str]]:
+    """The dataset records to cache and the ids skipped as unreadable (``--skip-unreadable`` only)."""
+    records = list(range(len(dataset)))
+    if not config.skip_unreadable:
+        return records, []
+    keep, skipped = [], []
+    for i in records:
+        rec = dataset.records[i]
+        problem = _readable(dataset, i)
+        if problem is None:
+            keep.append(i)
+        else:
+            skipped.append(rec.id)
+            logger.warning("skipping unreadable image %s: %s", rec.id, problem)
+    if not keep:
+        raise DatasetError(f"no readable images under {config.data}")
+    return keep, skipped
+
+
+def _plan_entries(
+    config: BuildConfig, model: torch.nn.Module, sizes: np.ndarray
+) -> tuple[list[View], np.ndarray, tuple[int, int]]:
+    """The entries' views, their teacher grids ``(E, 2)`` and the canvas (the largest grid)."""
+    k = config.entries_per_image
+    if config.mode == "views":
+        views = sample_views(config.view_seed, [tuple(s) for s in sizes], k, config.crop, config.scales, config.flip)
+        grid = output_grid(model, *config.crop)
+        return views, np.tile(np.array(grid, dtype=np.int64), (len(views), 1)), grid
+    views = []
+    for i, (h, w) in enumerate(sizes):
+        views.append(View.identity(i, (int(h), int(w))))
+        if config.dense_flip:
+            views.append(View.identity(i, (int(h), int(w)), flip=True))
+    grid_of = {(h, w): output_grid(model, h, w) for h, w in {(int(h), int(w)) for h, w in sizes}}
+    grids = np.array([grid_of[(int(sizes[v.image][0]), int(sizes[v.image][1]))] for v in views], dtype=np.int64)
+    return views, grids, (int(grids[:, 0].max()), int(grids[:, 1].max()))
+
+
+def _plan_layouts(
+    config: BuildConfig, num_classes: int, feature_channels: int, canvas: tuple[int, int]
+) -> tuple[TargetLayout, TargetLayout | None]:
+    """How the logits and (unless ``--no-features``) the feature are stored."""
+    logit_codec = LogitCodec(config.logits_codec, clip=config.logits_clip)
+    comp = Compressor.parse(config.compressor)
+    logits = TargetLayout(
+        codec=logit_codec.name, channels=num_classes, grid=canvas, compressor=comp, params=logit_codec.params
+    )
+    if not config.features:
+        return logits, None
+    fname, k_pca = parse_feature_codec(config.features_codec)
+    if config.features_block is not None:
+        block = config.features_block
+    elif config.mode == "views":
+        block = official_kernel(*canvas)
+    else:
+        block = (8, 8)
+    if k_pca is not None and k_pca > feature_channels:
+        raise ConfigError(f"--features-codec pca{k_pca} keeps more channels than the teacher has ({feature_channels})")
+    features = TargetLayout(
+        codec=fname,
+        channels=feature_channels,
+        grid=canvas,
+        compressor=comp,
+        pool=config.features_pool,
+        block=tuple(block),  # type: ignore[arg-type]
+        stored_channels=k_pca,
+        params={"components": k_pca} if k_pca else {},
+    )
+    return logits, features
+
+
+def _provenance(precision: str, recognised: dict | None, teacher_check: dict | None, slide: bool = False) -> dict:
+    """The ``build`` provenance written when the store is created (a resume must use the same)."""
     out: dict = {"precision": precision}
+    if slide:
+        out["tile_stride"] = TILE_STRIDE
     if recognised is not None:
         out["recognised"] = recognised["description"]
     if teacher_check is not None:
@@ -420,38 +432,23 @@ def _recorded_check(config: BuildConfig, weights_sha256: str | None) -> dict | N
 
 def _make_teacher(config: BuildConfig, dataset: SegDataset, device: torch.device) -> tuple[Teacher, dict | None]:
     """The teacher ``--teacher`` names, or the one recognised from ``--weights``; says what it chose."""
-    from .recognize import resolve_teacher
+    from .recognize import load_teacher
 
-    name, model_kwargs, rec = resolve_teacher(config.weights, config.teacher, dataset.num_classes)
-    if rec is not None:
-        chosen = "as given" if config.teacher else "recognised"
-        logger.info("teacher %s (%s): %s", name, chosen, rec.describe())
-    teacher = create_teacher(
-        name,
-        num_classes=dataset.num_classes,
-        weights=config.weights,
+    teacher, name, rec = load_teacher(  # reads --weights once
+        config.weights,
+        config.teacher,
+        dataset.num_classes,
         random_weights=config.random_weights,
         seed=config.seed,
         weights_format=config.weights_format,
         device=str(device),
-        **model_kwargs,
     )
+    if rec is not None:
+        chosen = "as given" if config.teacher else "recognised"
+        logger.info("teacher %s (%s): %s", name, chosen, rec.describe())
     if rec is None or rec.family == "unknown":  # a custom teacher's own layout: nothing to report
         return teacher, None
     return teacher, {**rec.to_dict(), "chosen": name, "given": config.teacher}
-
-
-def _conventions(model: torch.nn.Module) -> dict:
-    """The teacher family's grid, resize and ignore conventions, as :class:`TeacherStamp` fields."""
-    from .families import family_of
-
-    fam = family_of(model)
-    return {
-        "family": fam.family,
-        "grid": fam.grid,
-        "align_corners": fam.align_corners,
-        "ignore_index": fam.ignore_index,
-    }
 
 
 def run_teacher_check(
@@ -544,7 +541,14 @@ def _collate(batch):
 class _ShardWriter:
     """Encodes entries, buffers them per shard and writes each shard whole when it is complete."""
 
-    def __init__(self, writer: CacheWriter, schema: CacheSchema, logit_codec: LogitCodec, feature_codec, sample_every):
+    def __init__(
+        self,
+        writer: CacheWriter,
+        schema: CacheSchema,
+        logit_codec: LogitCodec,
+        feature_codec: FeatureCodec | None,
+        sample_every: int,
+    ):
         self.writer = writer
         self.schema = schema
         self.logit_codec = logit_codec
@@ -556,31 +560,18 @@ class _ShardWriter:
         self.entries_written = 0
         self.error: BaseException | None = None
 
-    def _encode(self, e: int, logits: np.ndarray, cells: np.ndarray | None, grid: tuple[int, int]):
-        lp, clipped = self.logit_codec.encode(logits)
-        parts = {"logits": lp}
-        if cells is not None:
-            fp, fc = self.feature_codec.encode(cells)
-            parts["features"] = fp
-            clipped += fc
-        row = np.full(len(FIDELITY_COLUMNS), np.nan, dtype=np.float32)
-        if e % self.sample_every == 0:
-            h, w = grid
-            dec = self.logit_codec.decode(lp)[:, :h, :w]
-            ref_nodes = dec_nodes = None
-            if cells is not None:
-                layout = self.schema.features
-                kernel = official_kernel(h, w)
-                valid = cells[:, : -(-h // layout.block[0]), : -(-w // layout.block[1])]
-                dec_cells = self.feature_codec.decode(parts["features"])[:, : valid.shape[1], : valid.shape[2]]
-                ref_nodes = compose_nodes(valid, layout.block, (h, w), kernel, layout.pool)
-                dec_nodes = compose_nodes(dec_cells, layout.block, (h, w), kernel, layout.pool)
-            row = entry_fidelity(logits[:, :h, :w], dec, ref_nodes, dec_nodes)
-        return parts, entry_checksum(parts), row, clipped
-
     def add(self, img: int, sha: bytes, entries: list[int], logits: np.ndarray, cells, grids) -> None:
         encoded = [
-            self._encode(e, logits[j], None if cells is None else cells[j], grids[j]) for j, e in enumerate(entries)
+            encode_entry(
+                logits[j],
+                None if cells is None else cells[j],
+                grids[j],
+                logit_codec=self.logit_codec,
+                feature_codec=self.feature_codec,
+                features=self.schema.features,
+                measure=e % self.sample_every == 0,
+            )
+            for j, e in enumerate(entries)
         ]
         k = self.schema.entries_per_image
         shard = entries[0] // self.schema.shard_entries
@@ -593,41 +584,13 @@ class _ShardWriter:
             complete = len(buf["entries"]) == b - a
             if complete:
                 del self.buffers[shard]
-        if complete:
-            self._write(shard, a, b, k, buf)
-
-    def _write(self, shard: int, a: int, b: int, k: int, buf: dict) -> None:
-        rows = [buf["entries"][e] for e in range(a, b)]
-        logits = {name: np.stack([r[0]["logits"][name] for r in rows]) for name in rows[0][0]["logits"]}
-        features = None
-        if "features" in rows[0][0]:
-            features = {name: np.stack([r[0]["features"][name] for r in rows]) for name in rows[0][0]["features"]}
-        sha = np.stack([np.frombuffer(buf["sha"][i], dtype=np.uint8) for i in range(a // k, b // k)])
-        n = self.writer.write_shard(
-            shard,
-            logits=logits,
-            features=features,
-            image_sha256=sha,
-            checksums=np.array([r[1] for r in rows], dtype=np.uint64),
-            fidelity=np.stack([r[2] for r in rows]),
-            clipped=np.array([r[3] for r in rows], dtype=np.uint32),
-        )
+        if not complete:
+            return
+        sha_rows = np.stack([np.frombuffer(buf["sha"][i], dtype=np.uint8) for i in range(a // k, b // k)])
+        n = write_encoded_shard(self.writer, shard, [buf["entries"][e] for e in range(a, b)], sha_rows)
         with self.lock:
             self.bytes_written += n
             self.entries_written += b - a
-
-
-def _feature_codec_for(plan: BuildPlan, writer: CacheWriter) -> FeatureCodec | None:
-    layout = writer.schema.features
-    if layout is None:
-        return None
-    if layout.codec == "pca":
-        from cache_tools.schema import Arrays
-
-        basis = writer.group[Arrays.PCA_BASIS][...]
-        mean = writer.group[Arrays.PCA_MEAN][...]
-        return FeatureCodec("pca", basis=basis, mean=mean)
-    return FeatureCodec(layout.codec)
 
 
 def _teacher_outputs(
@@ -682,12 +645,12 @@ def prepare_build(config: BuildConfig) -> tuple[BuildPlan, CacheWriter, bool]:
     _refuse_out_over_data(config)
     plan = plan_build(config)
     schema = plan.schema
-    pca = None
+    fitted = None
     if schema.features is not None and schema.features.codec == "pca":
         depth = schema.features.depth
 
-        def pca() -> tuple[np.ndarray, np.ndarray]:
-            return _fit_pca(plan, depth)
+        def fitted() -> FeatureCodec:
+            return FeatureCodec("pca", *_fit_pca(plan, depth))
 
     def prepare() -> tuple[CacheWriter, bool]:
         return prepare_cache(
@@ -697,18 +660,47 @@ def prepare_build(config: BuildConfig) -> tuple[BuildPlan, CacheWriter, bool]:
             image_sizes=plan.sizes,
             views=plan.views,
             grids=plan.grids,
-            pca=pca,
+            feature_codec=fitted,
             overwrite=config.overwrite,
             storage_options=config.storage_options or None,
         )
 
     writer, resumed = prepare()
-    if resumed and _other_precision(writer.schema, plan.precision, config):
+    if resumed and (_mixed_tiling(writer.schema, config) or _other_precision(writer.schema, plan.precision, config)):
         remove_store(config.out, config.storage_options or None)  # skd's own cache, replaced with --overwrite
         writer, resumed = prepare()
     if writer.schema.status != "complete":
         plan.precision_error = measure_precision(plan)
     return plan, writer, resumed
+
+
+#: The slide-tile stride rule this build uses, recorded in slide stores: ``ceil(tile * (1 - overlap))``,
+#: as the official ``predict_sliding``. Builds before it was recorded used ``int(...)``.
+TILE_STRIDE = "ceil"
+
+
+def _mixed_tiling(existing: CacheSchema, config: BuildConfig) -> bool:
+    """True when ``existing`` is an unfinished slide store started with the earlier ``int`` stride and
+    ``--overwrite`` replaces it: finishing it with ``ceil`` would mix two tilings.
+
+    Raises:
+        ConfigMismatchError: the two rules place this store's tiles differently (its finished entries
+            would disagree with the rest); ``--overwrite`` rebuilds it.
+    """
+    dense = existing.dense
+    if existing.status == "complete" or dense is None or dense.inference != "slide" or dense.tile is None:
+        return False
+    if existing.build.get("tile_stride") == TILE_STRIDE:
+        return False
+    if all(int(t * (1 - dense.overlap)) == math.ceil(t * (1 - dense.overlap)) for t in dense.tile):
+        return False  # both rules give the same stride: nothing would differ
+    if config.overwrite:
+        return True
+    raise ConfigMismatchError(
+        f"{config.out} is an unfinished slide-inference cache started by an earlier skd, whose tiles stepped by "
+        f"int(tile x (1 - overlap)) where this one uses the official ceil(...); finishing it would mix two "
+        f"tilings: pass --overwrite to rebuild it, or choose another --out"
+    )
 
 
 def _other_precision(existing: CacheSchema, precision: str, config: BuildConfig) -> bool:
@@ -819,7 +811,7 @@ def build_shards(
     already = total - len(images) * schema.entries_per_image
     logit_codec = LogitCodec.from_params(schema.logits.codec, schema.logits.params)
     sample_every = max(1, total // max(1, plan.config.fidelity_samples))
-    sink = _ShardWriter(writer, schema, logit_codec, _feature_codec_for(plan, writer), sample_every)
+    sink = _ShardWriter(writer, schema, logit_codec, writer.feature_codec(), sample_every)
     start = time.perf_counter() if t0 is None else t0
     teacher_seconds = _run_pipeline(plan, schema, images, sink, already, total, start, progress)
     return sink.entries_written, sink.bytes_written, teacher_seconds
@@ -895,6 +887,11 @@ def _run_pipeline(
     t0: float,
     progress: Callable[[BuildProgress], None] | None,
 ) -> float:
+    """Read (loader workers), run the teacher (here) and encode/write (writer threads) ``images``.
+
+    Returns:
+        seconds spent in the teacher.
+    """
     cfg = plan.config
     k = schema.entries_per_image
     layout = schema.features
@@ -911,26 +908,9 @@ def _run_pipeline(
         persistent_workers=False,
         prefetch_factor=4 if cfg.loader_workers > 0 else None,
     )
-    jobs: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
-
-    def work() -> None:
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            if sink.error is not None:
-                continue
-            try:
-                sink.add(*job)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-                sink.error = exc
-
-    threads = [threading.Thread(target=work, daemon=True, name=f"skd-writer-{i}") for i in range(cfg.writer_threads)]
-    for t in threads:
-        t.start()
     teacher_seconds = 0.0
     done = 0
-    try:
+    with _writer_threads(sink, cfg.writer_threads, cfg.queue_size) as jobs:
         for batch in start_workers(loader):
             if isinstance(batch, _WorkerFailure):
                 raise batch.cls(batch.message)
@@ -956,16 +936,44 @@ def _run_pipeline(
                 progress(
                     BuildProgress(already + done, total, sink.bytes_written, time.perf_counter() - t0, stage="teacher")
                 )
-    finally:
-        for _ in threads:
-            jobs.put(None)
-        for t in threads:
-            t.join()
     if sink.error is not None:
         raise sink.error
     if progress is not None:
         progress(BuildProgress(total, total, sink.bytes_written, time.perf_counter() - t0, stage="written"))
     return teacher_seconds
+
+
+@contextlib.contextmanager
+def _writer_threads(sink: _ShardWriter, count: int, queue_size: int) -> Iterator[queue.Queue]:
+    """``count`` threads handing the queued jobs to ``sink.add``, joined on exit.
+
+    The first error is kept in ``sink.error`` (re-raised by the main thread) and the jobs after it
+    are dropped.
+    """
+    jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+
+    def work() -> None:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            if sink.error is not None:
+                continue
+            try:
+                sink.add(*job)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                sink.error = exc
+
+    threads = [threading.Thread(target=work, daemon=True, name=f"skd-writer-{i}") for i in range(count)]
+    for t in threads:
+        t.start()
+    try:
+        yield jobs
+    finally:
+        for _ in threads:
+            jobs.put(None)
+        for t in threads:
+            t.join()
 
 
 def _pad_to(x: np.ndarray, hw: Sequence[int]) -> np.ndarray:

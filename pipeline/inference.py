@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cache_tools.errors import ConfigError
+from cache_tools.fidelity import pool_cells  # the one cell pooling, shared with the student
 
 from .models.base import SegOutput
 
@@ -33,6 +35,7 @@ __all__ = [
     "run_teacher",
     "slide_teacher",
     "teacher_precision",
+    "tile_starts",
 ]
 
 #: The teacher's arithmetic: fp32 (exact, TF32 off), tf32 (CUDA matmuls/convolutions in TF32),
@@ -155,11 +158,19 @@ def run_teacher(model: nn.Module, x: Tensor, device: torch.device, precision: st
     return out.logits.float(), out.feature.float()
 
 
-def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, stride)) + [length - tile]
-    return sorted(set(starts))
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Origins of the sliding-window tiles along one axis: the official ``predict_sliding`` rule (as
+    CIRKD's and mmseg's ``slide_inference``).
+
+    The stride is ``ceil(tile * (1 - overlap))`` (at least 1) and there are
+    ``max(ceil((length - tile) / stride), 0) + 1`` tiles; tile ``i`` starts at ``i * stride``, except
+    the last, which is moved back to end flush with the edge (a single tile at 0 when the axis is not
+    longer than a tile: the caller clips or pads it). 1024 pixels, tile 512, overlap 1/3 -> stride
+    342 -> ``[0, 342, 512]``.
+    """
+    stride = max(1, math.ceil(tile * (1 - overlap)))
+    n = max(1, math.ceil((length - tile) / stride) + 1)
+    return [max(min(i * stride + tile, length) - tile, 0) for i in range(n)]
 
 
 def slide_teacher(
@@ -173,7 +184,8 @@ def slide_teacher(
 ) -> tuple[Tensor, Tensor]:
     """Teacher on overlapping tiles of one whole image, merged on the image's grid.
 
-    Each tile's stride-8 maps are resampled bilinearly (``align_corners=True`` node positions)
+    Tiles (at most the image's size) are placed by :func:`tile_starts`, the rule the student's
+    ``predict_slide`` uses too. Each tile's stride-8 maps are resampled bilinearly (``align_corners=True`` node positions)
     onto the image-grid nodes the tile covers, and overlapping tiles are averaged: the same
     answer as whole-image inference up to the tiles' different context, at a fraction of the
     memory (the official code's ``predict_sliding`` does the same at pixel resolution).
@@ -185,11 +197,10 @@ def slide_teacher(
     _, _, H, W = image.shape
     h0, w0 = grid
     th, tw = min(tile[0], H), min(tile[1], W)
-    sy, sx = max(1, int(th * (1 - overlap))), max(1, int(tw * (1 - overlap)))
     logits_acc = feat_acc = None
     count = torch.zeros(1, 1, h0, w0, device=device)
-    for y in _tile_starts(H, th, sy):
-        for x in _tile_starts(W, tw, sx):
+    for y in tile_starts(H, th, overlap):
+        for x in tile_starts(W, tw, overlap):
             z, f = run_teacher(model, image[:, :, y : y + th, x : x + tw], device, precision)
             gh, gw = z.shape[-2:]
             # image-grid nodes inside the tile and their coordinates on the tile's grid
@@ -217,13 +228,3 @@ def slide_teacher(
     assert logits_acc is not None and feat_acc is not None
     count = count.clamp(min=1)
     return logits_acc / count, feat_acc / count
-
-
-def pool_cells(feature: Tensor, block: tuple[int, int], mode: str) -> Tensor:
-    """(B, C, h, w) -> (B, C, ceil(h/bh), ceil(w/bw)), kernel = stride = block, ceil mode."""
-    if block == (1, 1):
-        return feature
-    if mode == "max":
-        return F.max_pool2d(feature, kernel_size=block, stride=block, ceil_mode=True)
-    # partial last cells average over their real extent (no zero padding counted)
-    return F.avg_pool2d(feature, kernel_size=block, stride=block, ceil_mode=True, count_include_pad=False)

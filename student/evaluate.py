@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 
 from cache_tools.datasets import ID_TO_TRAIN_ID, IGNORE_INDEX, SegDataset, open_dataset
 from cache_tools.errors import ConfigError, DatasetError, SchemaMismatchError
-from pipeline.inference import autocast, pick_device
+from pipeline.inference import autocast, pick_device, tile_starts
 
 __all__ = [
     "MODES",
@@ -229,16 +230,6 @@ def _check_tile(tile, overlap) -> tuple[tuple[int, int], float]:
     return (th, tw), ov
 
 
-def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Official tile origins: ``ceil((L - T) / S) + 1`` tiles (at least 1), the last shifted back to end at L."""
-    n = max(1, math.ceil((length - tile) / stride) + 1)
-    starts = []
-    for i in range(n):
-        end = min(i * stride + tile, length)
-        starts.append(max(end - tile, 0))
-    return starts
-
-
 def predict_slide(
     model: nn.Module,
     image: Tensor,
@@ -250,8 +241,8 @@ def predict_slide(
 ) -> Tensor:
     """Sliding-window inference (the official ``predict_sliding``): (3, H, W) -> (K, H, W) float32.
 
-    Tiles of ``tile`` pixels with stride ``ceil(tile * (1 - overlap))`` per axis; the last tile of a
-    row/column is shifted back to end at the image border; a tile is padded with NaN (0 after the
+    Tiles of ``tile`` pixels placed by :func:`pipeline.inference.tile_starts` (stride
+    ``ceil(tile * (1 - overlap))``, the last tile of a row/column flush with the image border); a tile is padded with NaN (0 after the
     model's normalisation) at the bottom/right only where the image is smaller than the tile. Each
     tile's logits are upsampled (``align_corners=True``) to the tile size, cropped to the image part,
     summed, and divided by the number of tiles covering each pixel.
@@ -260,11 +251,10 @@ def predict_slide(
     device = torch.device(device)
     x = _as_batch(image)
     H, W = int(x.shape[-2]), int(x.shape[-1])
-    sy, sx = math.ceil(th * (1 - ov)), math.ceil(tw * (1 - ov))
     acc: Tensor | None = None
     count = torch.zeros(1, 1, H, W, device=device)
-    for y0 in _tile_starts(H, th, sy):
-        for x0 in _tile_starts(W, tw, sx):
+    for y0 in tile_starts(H, th, ov):
+        for x0 in tile_starts(W, tw, ov):
             y1, x1 = min(y0 + th, H), min(x0 + tw, W)
             crop = x[:, :, y0:y1, x0:x1]
             if (y1 - y0, x1 - x0) != (th, tw):
@@ -393,57 +383,70 @@ def evaluate_model(
         tile, overlap = _check_tile(tile, overlap)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ConfigError(f"limit must be a non-negative integer, got {limit!r}")
-    ds = open_dataset(data_root, (split,))
-    if ds.unlabelled_splits:
-        raise DatasetError(
-            f"split {split!r} of {data_root} has no labels, so it cannot be evaluated; "
-            "pass a labelled split (e.g. --split val)"
-        )
-    k = ds.num_classes
-    model_k = getattr(model, "num_classes", None)
-    if isinstance(model_k, int) and model_k != k:
-        raise SchemaMismatchError(
-            f"the model predicts {model_k} classes but the {ds.name} dataset at {data_root} has {k}; "
-            "evaluate on the dataset the model was trained for"
-        )
+    ds = _labelled_dataset(data_root, split, getattr(model, "num_classes", None))
     out_dir = Path(save_predictions).expanduser() if save_predictions else None
     lut, suffix = _prediction_encoder(ds, prediction_format)
     device = _model_device(model) if device is None else torch.device(device)
     if _model_device(model) != device:
         model.to(device)
 
+    def predict(x: Tensor) -> Tensor:
+        if mode == "whole":
+            return predict_whole(model, x, device=device, amp=amp)
+        return predict_slide(model, x, tile=tile, overlap=overlap, device=device, amp=amp)
+
     n = len(ds) if limit is None else min(limit, len(ds))
-    conf = np.zeros((k, k), dtype=np.int64)
+    conf = np.zeros((ds.num_classes, ds.num_classes), dtype=np.int64)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
         with torch.inference_mode():
             for i in range(n):
-                rec = ds.records[i]
-                image, label, _ = ds.load(i)
-                if label is None:
-                    raise DatasetError(f"image {rec.id!r} has no label file; cannot evaluate split {split!r}")
-                x = torch.from_numpy(image).permute(2, 0, 1).float()
-                if mode == "whole":
-                    logits = predict_whole(model, x, device=device, amp=amp)
-                else:
-                    logits = predict_slide(model, x, tile=tile, overlap=overlap, device=device, amp=amp)
-                if logits.shape[0] != k:
-                    raise SchemaMismatchError(
-                        f"the model predicts {logits.shape[0]} classes but the {ds.name} dataset at "
-                        f"{data_root} has {k}; evaluate on the dataset the model was trained for"
-                    )
-                pred = logits.argmax(0).to(torch.int32).cpu().numpy()
-                conf += confusion_matrix(pred, label, k, ds.ignore_index)
+                pred, label = _predict_image(ds, i, predict, split, data_root)
+                conf += confusion_matrix(pred, label, ds.num_classes, ds.ignore_index)
                 if out_dir is not None:
-                    _save_prediction(_prediction_path(out_dir, ds, rec.id, suffix), pred, lut)
+                    _save_prediction(_prediction_path(out_dir, ds, ds.records[i].id, suffix), pred, lut)
                 if progress is not None:
                     progress(i + 1, n)
     finally:
         model.train(was_training)
-    seconds = time.perf_counter() - start
+    return _eval_result(conf, ds, n, mode, time.perf_counter() - start)
 
+
+def _labelled_dataset(data_root: str, split: str, model_classes: Any) -> SegDataset:
+    """The split to evaluate: every image labelled, the model's class count (when it says one)."""
+    ds = open_dataset(data_root, (split,))
+    if ds.unlabelled_splits:
+        raise DatasetError(
+            f"split {split!r} of {data_root} has no labels, so it cannot be evaluated; "
+            "pass a labelled split (e.g. --split val)"
+        )
+    if isinstance(model_classes, int) and model_classes != ds.num_classes:
+        raise SchemaMismatchError(
+            f"the model predicts {model_classes} classes but the {ds.name} dataset at {data_root} has "
+            f"{ds.num_classes}; evaluate on the dataset the model was trained for"
+        )
+    return ds
+
+
+def _predict_image(
+    ds: SegDataset, i: int, predict: Callable[[Tensor], Tensor], split: str, data_root: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction (H, W) int32, label) of image ``i``; refuses an unlabelled image or the wrong class count."""
+    image, label, _ = ds.load(i)
+    if label is None:
+        raise DatasetError(f"image {ds.records[i].id!r} has no label file; cannot evaluate split {split!r}")
+    logits = predict(torch.from_numpy(image).permute(2, 0, 1).float())
+    if logits.shape[0] != ds.num_classes:
+        raise SchemaMismatchError(
+            f"the model predicts {logits.shape[0]} classes but the {ds.name} dataset at "
+            f"{data_root} has {ds.num_classes}; evaluate on the dataset the model was trained for"
+        )
+    return logits.argmax(0).to(torch.int32).cpu().numpy(), label
+
+
+def _eval_result(conf: np.ndarray, ds: SegDataset, images: int, mode: str, seconds: float) -> EvalResult:
     iou, miou = iou_from_confusion(conf)
     total = int(conf.sum())
     names = [str(c) for c in ds.class_names]
@@ -453,7 +456,7 @@ def evaluate_model(
         per_class={name: _finite_or_none(v) for name, v in zip(names, iou, strict=True)},
         class_names=names,
         confusion=conf,
-        images=n,
+        images=images,
         mode=mode,
         seconds=seconds,
     )

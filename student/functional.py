@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cache_tools.errors import ConfigError
-from cache_tools.fidelity import node_windows
+from cache_tools.fidelity import node_windows, pool_cells
 
 __all__ = [
     "PoolMode",
@@ -223,29 +223,11 @@ def pair_kernel(
     return max(1, int(h * pool_scale)), max(1, int(w * pool_scale))
 
 
-def pool_nodes(feature: Tensor, kernel: int | tuple[int, int], mode: PoolMode = "max") -> Tensor:
-    """Pool a feature map into pair-wise nodes: stride = kernel, no padding, ceil mode.
-
-    ``"max"`` is the official code. ``"avg"`` is the paper's β×β average pooling; a clipped last window
-    (e.g. ``[64:65]`` of a 65 grid) averages over the cells it really covers (``count_include_pad=False``
-    semantics; with zero padding PyTorch's ceil-mode divisor is the clipped extent anyway).
-
-    Args:
-        feature: ``(B, C, h, w)``.
-        kernel: int or ``(kh, kw)``, e.g. from :func:`pair_kernel`.
-        mode: ``"max"`` or ``"avg"``.
-
-    Returns:
-        ``(B, C, n_h, n_w)`` with ``n = len(node_windows(size, k))`` per axis.
-
-    Raises:
-        ConfigError: unknown ``mode``.
-    """
-    if mode == "max":
-        return F.max_pool2d(feature, kernel, stride=kernel, padding=0, ceil_mode=True)
-    if mode == "avg":
-        return F.avg_pool2d(feature, kernel, stride=kernel, padding=0, ceil_mode=True, count_include_pad=False)
-    raise ConfigError(f"pool mode must be 'max' or 'avg', got {mode!r}")
+#: Pair-wise nodes: ceil-mode pooling with stride = kernel, no padding (``"max"`` the official code,
+#: ``"avg"`` the paper's β×β average over each window's real extent), ``(B, C, h, w)`` ->
+#: ``(B, C, n_h, n_w)`` with ``n = len(node_windows(size, k))`` per axis; the kernel is an int or
+#: ``(kh, kw)``, e.g. from :func:`pair_kernel`. The same pooling as the cache's stored cells.
+pool_nodes = pool_cells
 
 
 def similarity(nodes: Tensor, detach_norm: bool = True) -> Tensor:

@@ -232,7 +232,7 @@ def test_pca_features_decode_from_the_doc(tmp_path):
         image_sizes=sizes,
         views=views,
         grids=np.array([[h, w]] * 2),
-        pca=(basis, mean),
+        feature_codec=FeatureCodec("pca", basis, mean),
     )
     lc, fc = LogitCodec(schema.logits.codec), FeatureCodec("pca", basis, mean)
     encoded = []

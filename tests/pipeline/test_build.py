@@ -13,10 +13,9 @@ from cache_tools import open_cache
 from cache_tools.codecs import LogitCodec
 from cache_tools.datasets import open_dataset
 from cache_tools.errors import ConfigError, ConfigMismatchError, DatasetError, ModelError
-from cache_tools.fidelity import compose_nodes, official_kernel
+from cache_tools.fidelity import compose_nodes, official_kernel, pool_cells
 from pipeline import build as build_module
 from pipeline.build import BuildConfig, NonFiniteTeacherError, build_cache, build_shards, prepare_build
-from pipeline.inference import pool_cells
 from pipeline.teachers import create_teacher
 from pipeline.views import apply_view
 from tests.catalogue import bad_teachers
@@ -147,6 +146,28 @@ def test_slide_inference_with_a_tile_covering_the_image_equals_whole(sample_root
     assert c.shape == a.read_entry(0).logits.shape and np.isfinite(c).all()
 
 
+def test_slide_teacher_places_tiles_as_the_student_evaluation_does(teacher, monkeypatch):
+    # 64x128 image, 48x64 tiles, overlap 1/3: strides ceil(32) = 32 and ceil(42.7) = 43 (the official
+    # rule; a floor of 42 would put the middle column of tiles at 42)
+    from pipeline import inference
+
+    seen = []
+    real = inference.run_teacher
+
+    def spy(model, x, device, precision="fp32"):
+        seen.append(x)
+        return real(model, x, device, precision)
+
+    monkeypatch.setattr(inference, "run_teacher", spy)
+    image = torch.rand(1, 3, 64, 128) * 255
+    inference.slide_teacher(teacher.model, image, (9, 17), (48, 64), 1 / 3, torch.device("cpu"))
+    assert inference.tile_starts(64, 48, 1 / 3) == [0, 16] and inference.tile_starts(128, 64, 1 / 3) == [0, 43, 64]
+    origins = [(y, x) for y in (0, 16) for x in (0, 43, 64)]
+    assert len(seen) == len(origins)
+    for crop, (y, x) in zip(seen, origins, strict=True):
+        assert torch.equal(crop, image[:, :, y : y + 48, x : x + 64])
+
+
 def test_resume_and_configuration_rules(sample_root, tmp_path):
     out = tmp_path / "r.zarr"
     build_cache(_config(sample_root, out))
@@ -182,6 +203,7 @@ def test_build_to_an_fsspec_url(sample_root):
         (dict(teacher="nope"), ModelError, "unknown model 'nope'"),
         (dict(mode="sparse"), ConfigError, "--mode must be one of dense, views"),
         (dict(inference="slide"), ConfigError, "needs --tile"),
+        (dict(logits_codec="fp16", logits_clip=10.0), ConfigError, "fp16 logits codec takes no clip"),
         (dict(splits=("tset",)), DatasetError, "split"),
     ],
 )
@@ -306,3 +328,26 @@ def test_a_creation_cut_short_is_cleared_and_created_again(sample_root, tmp_path
     result = build_cache(_config(sample_root, out))  # skd's own leftovers: no --overwrite needed
     assert not result.resumed and result.schema.status == "complete"
     assert store_module.CREATION_ATTR not in zarr.open_group(str(out), mode="r").attrs.asdict()
+
+
+def _as_if_built_before_the_stride_was_recorded(store, status: str) -> None:
+    group = zarr.open_group(str(store), mode="r+")
+    doc = dict(group.attrs["skd_cache"])
+    doc["build"] = {k: v for k, v in doc["build"].items() if k != "tile_stride"}
+    doc["status"] = status
+    group.attrs["skd_cache"] = doc
+
+
+def test_an_unfinished_slide_cache_from_the_earlier_tile_stride_is_not_finished_with_the_new_one(sample_root, tmp_path):
+    # tile 64 at overlap 1/3: the earlier int() stride was 42, the official ceil() is 43, so finishing
+    # the store would mix two tilings; a complete old store is consistent and stays usable
+    cfg = _config(sample_root, tmp_path / "s.zarr", inference="slide", tile=(48, 64))
+    build_cache(cfg)
+    assert open_cache(cfg.out).schema.build["tile_stride"] == "ceil"
+    _as_if_built_before_the_stride_was_recorded(cfg.out, "complete")
+    assert build_cache(cfg).already_complete
+    _as_if_built_before_the_stride_was_recorded(cfg.out, "building")
+    with pytest.raises(ConfigMismatchError, match=r"earlier skd.*--overwrite"):
+        build_cache(cfg)
+    result = build_cache(BuildConfig(**{**cfg.__dict__, "overwrite": True}))
+    assert not result.resumed and open_cache(cfg.out).schema.build["tile_stride"] == "ceil"

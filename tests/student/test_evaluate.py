@@ -14,12 +14,13 @@ from torch import nn
 
 from cache_tools.datasets import CITYSCAPES_CLASS_NAMES, ID_TO_TRAIN_ID, open_dataset
 from cache_tools.errors import ConfigError, DatasetError, SchemaMismatchError
+from pipeline.inference import tile_starts
 from pipeline.models.base import SegOutput
-from pipeline.teachers import create_model, save_weights
+from pipeline.registry import create_model
+from pipeline.weights import save_weights
 from student.evaluate import (
     EvalResult,
     _prediction_path,
-    _tile_starts,
     confusion_matrix,
     evaluate_checkpoint,
     evaluate_model,
@@ -280,9 +281,9 @@ def test_predict_slide_equals_whole_on_aligned_stride8_grid(size):
 
 def test_predict_slide_tiles_cover_every_pixel():
     # the official numbers: 1024x2048, tile 512, overlap 1/3 -> stride 342, 3 x 6 tiles
-    assert _tile_starts(1024, 512, 342) == [0, 342, 512]
-    assert _tile_starts(2048, 512, 342) == [0, 342, 684, 1026, 1368, 1536]
-    assert _tile_starts(100, 512, 342) == [0]  # smaller than a tile: one (padded) tile
+    assert tile_starts(1024, 512, 1 / 3) == [0, 342, 512]  # stride ceil(512 * 2/3) = 342
+    assert tile_starts(2048, 512, 1 / 3) == [0, 342, 684, 1026, 1368, 1536]
+    assert tile_starts(100, 512, 1 / 3) == [0]  # smaller than a tile: one (padded) tile
     for size in [(100, 130), (30, 40), (33, 200), (1, 1)]:
         model = OnesModel()
         out = predict_slide(model, _image(*size), tile=(24, 32), overlap=1 / 3, device=CPU)
@@ -293,6 +294,19 @@ def test_predict_slide_tiles_cover_every_pixel():
     predict_slide(model, _image(100, 130), tile=(24, 32), overlap=1 / 3, device=CPU)
     # stride (16, 22): rows ceil(76/16)+1 = 6, cols ceil(98/22)+1 = 6
     assert len(model.calls) == 36
+
+
+def test_tile_starts_is_mmseg_slide_inference():
+    # mmseg's slide_inference: h_grids = max(H - crop + stride - 1, 0) // stride + 1, y1 = min(i * stride, ...)
+    # then moved back so that the tile ends at the edge (never before 0)
+    for length in range(1, 90):
+        for tile in (1, 7, 16, 33):
+            for overlap in (0.0, 1 / 3, 0.5, 0.75):
+                stride = max(1, math.ceil(tile * (1 - overlap)))
+                grids = max(length - tile + stride - 1, 0) // stride + 1
+                want = [max(min(i * stride + tile, length) - tile, 0) for i in range(grids)]
+                got = tile_starts(length, tile, overlap)
+                assert got == want and got[-1] + min(tile, length) == length and got == sorted(set(got))
 
 
 def test_predict_slide_bad_options():
