@@ -9,7 +9,7 @@ arrive as :class:`~cache_tools.errors.SkdError` and are printed as one line by `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -42,13 +42,15 @@ _Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
 def _fmt_bytes(n: float | None) -> str:
+    """``n`` bytes in decimal units: ``812 B``, ``1.19 KB`` ... up to TB."""
     if n is None:
         return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    units = ("B", "KB", "MB", "GB", "TB")
+    i = 0
+    while abs(n) >= 1000 and i < len(units) - 1:
         n /= 1000
-    return f"{n} B"
+        i += 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.2f} {units[i]}"
 
 
 def _exit(code: int) -> None:
@@ -59,10 +61,6 @@ def _exit(code: int) -> None:
     """
     if code:
         raise SystemExit(code)
-
-
-def _dst_options(storage_option: list[str] | None, dst_storage_option: list[str] | None) -> dict | None:
-    return parse_storage_options(dst_storage_option) if dst_storage_option else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,8 +74,6 @@ def info(
     cache_dir: _CacheDir = None,
 ) -> None:
     """Summarise a cache: format, teacher, dataset, layout, arrays, bytes, fidelity, provenance."""
-    from rich.table import Table
-
     from .inspect import describe_cache
 
     d = describe_cache(
@@ -86,7 +82,35 @@ def info(
     if json_out:
         print_json(d)
         return
-    t, ds = d["teacher"], d["dataset"]
+    _print_layout(d)
+    _print_teacher(d)
+    _print_targets(d)
+    console.print(_arrays_table(d["arrays"]))
+    if d["bytes_total"] is None:
+        console.print("on disk: unknown (this location cannot be listed)")
+    else:
+        per = "view" if d["mode"] == "views" else "entry"
+        console.print(
+            f"on disk {_fmt_bytes(d['bytes_total'])}; targets {_fmt_bytes(d['bytes_per_image'])} per image, "
+            f"{_fmt_bytes(d['bytes_per_entry'])} per {per} (logits {_fmt_bytes(d['bytes_logits_per_entry'])}, "
+            f"features {_fmt_bytes(d['bytes_features_per_entry'])})"
+        )
+    console.print(_fidelity_line(d["fidelity"]))
+    b = d["build"]
+    console.print(_precision_line(b))
+    secs = b.get("seconds")
+    took = f"{secs:.1f} s" if isinstance(secs, (int, float)) else "?"
+    console.print(
+        f"built by skd {d['tool_version'] or '?'} on {b.get('device', '?')} in {took} "
+        f"({d['created'] or '?'} → {d['completed'] or 'unfinished'}); clipped values {b.get('clipped_values', 0)}"
+    )
+    derived = b.get("derived_from")
+    if isinstance(derived, dict):
+        console.print(f"derived: {derived.get('operation')} of {derived.get('source') or derived.get('sources')}")
+
+
+def _print_layout(d: dict) -> None:
+    """The store's URL, format, status, entries and shards, and how its views were made."""
     done = "" if d["entries_done"] == d["entries"] else f" ({d['entries_done']} written)"
     console.print(f"[bold]{d['url']}[/]  skd-cache format v{d['format_version']}, status [bold]{d['status']}[/]")
     unit = "views" if d["mode"] == "views" else "entries"
@@ -104,6 +128,11 @@ def info(
         v = d["dense"]
         tile = f", tile {v['tile'][0]}x{v['tile'][1]}" if v.get("tile") else ""
         console.print(f"dense: {v['inference']} inference{tile}, mirrored pass {v['flip']}")
+
+
+def _print_teacher(d: dict) -> None:
+    """The teacher: name, size, weights, input convention, and its check against the labels."""
+    t = d["teacher"]
     weights = (t["weights_sha256"][:16] + "…") if t["weights_sha256"] else f"random (seed {t['seed']})"
     norm = t["normalization"]
     console.print(
@@ -129,6 +158,11 @@ def info(
         )
     elif not t.get("random_weights"):
         console.print("teacher check: not run (--no-teacher-check, or a store built before the check existed)")
+
+
+def _print_targets(d: dict) -> None:
+    """The dataset the targets label, and how the logits and features are stored."""
+    ds = d["dataset"]
     names = ", ".join(ds["class_names"][:8]) + (", …" if len(ds["class_names"]) > 8 else "")
     console.print(
         f"dataset [bold]{ds['name']}[/], split(s) {', '.join(ds['splits'])}: {ds['num_images']} images, "
@@ -147,47 +181,35 @@ def info(
         )
     else:
         console.print("features: none (this cache cannot drive the pair-wise loss)")
+
+
+def _arrays_table(arrays: list[dict]) -> Any:
+    """A table of the store's arrays: shape, dtype, chunking, codecs and bytes on disk."""
+    from rich.table import Table
+
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for col in ("array", "shape", "dtype", "chunk / shard", "codecs", "bytes"):
         table.add_column(col, justify="right" if col == "bytes" else "left")
-    for a in d["arrays"]:
+    for a in arrays:
         cs = str(a["chunks"]) + (f" / {a['shards']}" if a["shards"] else "")
         codecs = " + ".join(
             c.replace("sharding_indexed", "shards").replace("(level=", "(") for c in a["codecs"] if c != "bytes"
         )
         table.add_row(a["path"], str(a["shape"]), a["dtype"], cs, codecs, _fmt_bytes(a["bytes"]))
-    console.print(table)
-    if d["bytes_total"] is None:
-        console.print("on disk: unknown (this location cannot be listed)")
-    else:
-        per = "view" if d["mode"] == "views" else "entry"
-        console.print(
-            f"on disk {_fmt_bytes(d['bytes_total'])}; targets {_fmt_bytes(d['bytes_per_image'])} per image, "
-            f"{_fmt_bytes(d['bytes_per_entry'])} per {per} (logits {_fmt_bytes(d['bytes_logits_per_entry'])}, "
-            f"features {_fmt_bytes(d['bytes_features_per_entry'])})"
-        )
-    fid = d["fidelity"]
-    if fid.get("sampled_entries"):
-        line = (
-            f"fidelity on {fid['sampled_entries']} entries: KL T=1 mean {fid['kl_t1_mean']:.2e} max {fid['kl_t1_max']:.2e}; "
-            f"T=4 mean {fid['kl_t4_mean']:.2e} max {fid['kl_t4_max']:.2e}; argmax agreement {100 * fid['argmax_agreement']:.3f}%"
-        )
-        if "pair_cos_err_max" in fid:
-            line += f"; pair-wise cosine error mean {fid['pair_cos_err_mean']:.1e} max {fid['pair_cos_err_max']:.1e}"
-        console.print(line)
-    else:
-        console.print("fidelity: not measured")
-    b = d["build"]
-    console.print(_precision_line(b))
-    secs = b.get("seconds")
-    took = f"{secs:.1f} s" if isinstance(secs, (int, float)) else "?"
-    console.print(
-        f"built by skd {d['tool_version'] or '?'} on {b.get('device', '?')} in {took} "
-        f"({d['created'] or '?'} → {d['completed'] or 'unfinished'}); clipped values {b.get('clipped_values', 0)}"
+    return table
+
+
+def _fidelity_line(fid: dict) -> str:
+    """The codec's measured fidelity, as the build recorded it."""
+    if not fid.get("sampled_entries"):
+        return "fidelity: not measured"
+    line = (
+        f"fidelity on {fid['sampled_entries']} entries: KL T=1 mean {fid['kl_t1_mean']:.2e} max {fid['kl_t1_max']:.2e}; "
+        f"T=4 mean {fid['kl_t4_mean']:.2e} max {fid['kl_t4_max']:.2e}; argmax agreement {100 * fid['argmax_agreement']:.3f}%"
     )
-    derived = b.get("derived_from")
-    if isinstance(derived, dict):
-        console.print(f"derived: {derived.get('operation')} of {derived.get('source') or derived.get('sources')}")
+    if "pair_cos_err_max" in fid:
+        line += f"; pair-wise cosine error mean {fid['pair_cos_err_mean']:.1e} max {fid['pair_cos_err_max']:.1e}"
+    return line
 
 
 def _precision_line(b: dict) -> str:
@@ -357,7 +379,7 @@ def _both_options(storage_option, dst_storage_option) -> dict:
     """storage_options of the source and of the destination, as the transfer functions take them."""
     return {
         "storage_options": parse_storage_options(storage_option),
-        "dst_storage_options": _dst_options(storage_option, dst_storage_option),
+        "dst_storage_options": parse_storage_options(dst_storage_option) if dst_storage_option else None,
     }
 
 

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import _thread
 import importlib
+import inspect
 import json
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import typer
 from rich.console import Console
@@ -25,13 +26,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .errors import ConfigError, SchemaError, SkdError
 
-T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
+    "new_app",
+    "Opt",
+    "with_options",
     "console",
     "err_console",
     "run_app",
-    "start_workers",
     "setup_logging",
     "verbose",
     "set_interrupt_hint",
@@ -49,6 +52,64 @@ __all__ = [
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def new_app(name: str, help: str, verbose_help: str) -> typer.Typer:
+    """A typer app with the settings both CLIs share and a top-level ``--verbose`` (``-v``) that sets up logging.
+
+    Pretty tracebacks are off because :func:`run_app` turns every failure into one line.
+    """
+    app = typer.Typer(
+        name=name,
+        help=help,
+        no_args_is_help=True,
+        rich_markup_mode="rich",
+        context_settings={"help_option_names": ["-h", "--help"]},
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+
+    @app.callback()
+    def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help=verbose_help)) -> None:
+        setup_logging(verbose)
+
+    return app
+
+
+class Opt(NamedTuple):
+    """One row of a command's option table (:func:`with_options`).
+
+    Attributes:
+        type: the parameter's type (``int``, ``str | None``, ``Path``, ``list[str] | None`` ...).
+        default: its default; ``...`` makes the option required.
+        help: the help line.
+        names: the option's names; default ``--param-name`` (a bool is then a single on-flag).
+    """
+
+    type: Any
+    default: Any
+    help: str
+    names: tuple[str, ...] = ()
+
+
+def with_options(options: dict[str, Opt]) -> Callable[[F], F]:
+    """Give a typer command the options of a table, in the table's order; the command takes ``**flags``.
+
+    A command with sixty options then reads as what it does, and its options read as a table, one row
+    an option (typer reads the signature set here exactly as it reads a written one). The CLI tests
+    compare such a table with the command's config dataclass: flags, defaults and choices.
+    """
+    params = []
+    for name, opt in options.items():
+        names = opt.names or (("--" + name.replace("_", "-"),) if opt.type is bool else ())
+        info = typer.Option(opt.default, *names, help=opt.help)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=opt.type))
+
+    def declare(command: F) -> F:
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        return command
+
+    return declare
 
 
 _verbose = False
@@ -175,33 +236,6 @@ def _interrupt_handling() -> Iterator[None]:
     finally:
         sys.unraisablehook = previous_hook
         signal.signal(signal.SIGINT, previous_handler)
-
-
-def start_workers(loader: Iterable[T]) -> Iterator[T]:
-    """``iter(loader)``, with its worker processes born with SIGINT blocked: only this process sees Ctrl-C.
-
-    A terminal sends Ctrl-C to the whole process group. A DataLoader worker, or the forkserver that
-    forks them, caught while still importing ``site`` dies with "Fatal Python error" and a traceback
-    on the shared stderr. Blocking the signal in this thread while they start means they inherit the
-    block (fork and exec keep the mask); this process still receives the interrupt, on another thread
-    at once or when the block ends, and closes its workers as it unwinds. multiprocessing's resource
-    tracker is started first because starting it unblocks SIGINT in the calling thread.
-    """
-    shield = (
-        getattr(loader, "num_workers", 0) > 0
-        and hasattr(signal, "pthread_sigmask")
-        and threading.current_thread() is threading.main_thread()
-    )
-    if not shield:
-        return iter(loader)
-    from multiprocessing import resource_tracker
-
-    resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _say_interrupted() -> None:

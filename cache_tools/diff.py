@@ -144,49 +144,58 @@ def diff_caches(
     entries = list(range(n))
     if max_entries is not None and 0 < max_entries < n:
         entries = sorted({int(round(x)) for x in np.linspace(0, n - 1, max_entries)})
-    k = ra.schema.dataset.num_classes
-    pairwise = ra.schema.features is not None and rb.schema.features is not None
-
-    def one(e: int) -> dict:
-        ea, eb = ra.read_entry(e), rb.read_entry(e)
-        kl = kl_per_pixel(ea.logits, eb.logits, 1.0)
-        am, bm = ea.logits.argmax(0), eb.logits.argmax(0)
-        agree = am == bm
-        out = {
-            "entry": e,
-            "image_id": ea.image_id,
-            "nodes": int(kl.size),
-            "agree": int(agree.sum()),
-            "kl_sum": float(kl.sum()),
-            "kl_max": float(kl.max()),
-            "class_total": np.bincount(am.ravel(), minlength=k),
-            "class_agree": np.bincount(am[agree].ravel(), minlength=k),
-        }
-        if pairwise:
-            ca = cosine_matrix(_nodes(ra.schema, ea.feature, ea.grid))  # type: ignore[arg-type]
-            cb = cosine_matrix(_nodes(rb.schema, eb.feature, eb.grid))  # type: ignore[arg-type]
-            d = np.abs(ca - cb)
-            out["cos_sum"], out["cos_count"], out["cos_max"] = float(d.sum()), int(d.size), float(d.max())
-        return out
-
     rows = []
     with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-        for i, row in enumerate(pool.map(one, entries), 1):
+        for i, row in enumerate(pool.map(lambda e: _compare_entry(ra, rb, e), entries), 1):
             rows.append(row)
             if progress is not None:
                 progress(i, len(entries))
+    report = _summarise(str(a), str(b), ra, rb, rows, worst)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _compare_entry(ra: CacheReader, rb: CacheReader, e: int) -> dict:
+    """Sums over one entry's grid nodes: agreement (overall and per class of A's argmax), KL and,
+    when both caches store features, the pair-wise cosine differences."""
+    k = ra.schema.dataset.num_classes
+    ea, eb = ra.read_entry(e), rb.read_entry(e)
+    kl = kl_per_pixel(ea.logits, eb.logits, 1.0)
+    am, bm = ea.logits.argmax(0), eb.logits.argmax(0)
+    agree = am == bm
+    out = {
+        "entry": e,
+        "image_id": ea.image_id,
+        "nodes": int(kl.size),
+        "agree": int(agree.sum()),
+        "kl_sum": float(kl.sum()),
+        "kl_max": float(kl.max()),
+        "class_total": np.bincount(am.ravel(), minlength=k),
+        "class_agree": np.bincount(am[agree].ravel(), minlength=k),
+    }
+    if ra.schema.features is not None and rb.schema.features is not None:
+        ca = cosine_matrix(_nodes(ra.schema, ea.feature, ea.grid))  # type: ignore[arg-type]
+        cb = cosine_matrix(_nodes(rb.schema, eb.feature, eb.grid))  # type: ignore[arg-type]
+        d = np.abs(ca - cb)
+        out["cos_sum"], out["cos_count"], out["cos_max"] = float(d.sum()), int(d.size), float(d.max())
+    return out
+
+
+def _summarise(a: str, b: str, ra: CacheReader, rb: CacheReader, rows: list[dict], worst: int) -> DiffReport:
+    """The report of the compared entries' rows (pixel-weighted), all but the time it took."""
+    k = ra.schema.dataset.num_classes
     nodes = sum(r["nodes"] for r in rows)
     total = np.sum([r["class_total"] for r in rows], axis=0)
     agree = np.sum([r["class_agree"] for r in rows], axis=0)
     names = ra.schema.dataset.class_names
     report = DiffReport(
-        a=str(a),
-        b=str(b),
+        a=a,
+        b=b,
         teacher_a=ra.schema.teacher.name,
         teacher_b=rb.schema.teacher.name,
         mode=ra.schema.mode,
         entries=len(rows),
-        entries_total=n,
+        entries_total=ra.num_entries,
         nodes=nodes,
         argmax_agreement=sum(r["agree"] for r in rows) / max(1, nodes),
         kl_t1_mean=sum(r["kl_sum"] for r in rows) / max(1, nodes),
@@ -202,8 +211,7 @@ def diff_caches(
             for r in sorted(rows, key=lambda r: -r["kl_sum"] / r["nodes"])[: max(0, worst)]
         ],
     )
-    if pairwise:
+    if ra.schema.features is not None and rb.schema.features is not None:
         report.pair_cos_diff_mean = sum(r["cos_sum"] for r in rows) / max(1, sum(r["cos_count"] for r in rows))
         report.pair_cos_diff_max = max(r["cos_max"] for r in rows)
-    report.seconds = time.perf_counter() - t0
     return report

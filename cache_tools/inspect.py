@@ -11,7 +11,7 @@ from typing import Any
 
 from .schema import Arrays
 from .storage import is_remote, local_path, storage_errors
-from .store import CacheReader, open_cache
+from .store import open_cache
 
 __all__ = ["describe_cache", "array_bytes"]
 
@@ -77,14 +77,13 @@ def describe_cache(
     url: str,
     *,
     storage_options: dict | None = None,
-    reader: CacheReader | None = None,
     cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """A JSON-able description of a cache: format, provenance, layout, arrays, bytes, fidelity.
 
     Byte counts are ``None`` where the store cannot be listed (plain HTTP).
     """
-    r = reader or open_cache(url, storage_options=storage_options, cache_dir=cache_dir, allow_incomplete=True)
+    r = open_cache(url, storage_options=storage_options, cache_dir=cache_dir, allow_incomplete=True)
     s = r.schema
     sizes = array_bytes(r.url, storage_options)
     arrays = []

@@ -333,6 +333,169 @@ def _header(r: CacheReader, url: str) -> tuple[str, str]:
     return f"skd cache preview — {url}", line
 
 
+class _Sheet:
+    """The figure of one preview: a row of panels per entry, then a legend of the classes shown."""
+
+    def __init__(self, r: CacheReader, rows: list[_Row], palette: np.ndarray, *, with_images: bool) -> None:
+        self.r, self.rows, self.palette, self.with_images = r, rows, palette, with_images
+        self.names = r.schema.dataset.class_names
+        self.pca, self.var = _pca_rgb(rows)
+        self.cols = (["image"] if with_images else []) + ["argmax", "uncertainty", "features"]
+        counts = np.zeros(len(self.names), dtype=np.int64)
+        for row in rows:
+            shown_px = row.argmax if row.pad is None else row.argmax[~row.pad]
+            counts += np.bincount(shown_px.ravel(), minlength=len(self.names))[: len(self.names)]
+        self.share = counts / max(1, int(counts.sum()))
+        # classes under 0.05% of the pixels shown are counted, not listed
+        self.shown = [int(c) for c in np.argsort(-counts) if self.share[c] >= 0.0005]
+        self.rare = int(((self.share > 0) & (self.share < 0.0005)).sum())
+        self.legend_cols = min(max(1, len(self.shown)), 3 * len(self.cols))
+
+    def draw(self, url: str, dpi: int) -> Any:
+        """The whole figure: header, one row of panels per entry, the legend."""
+        from matplotlib.figure import Figure
+
+        aspects = [
+            max(
+                row.disp[0] / row.disp[1],
+                row.image_rgb.shape[0] / row.image_rgb.shape[1] if row.image_rgb is not None else 0,
+            )
+            for row in self.rows
+        ]
+        legend_h = 0.45 + 0.2 * -(-len(self.shown) // self.legend_cols)
+        panel_w = _PANEL_W * 0.9
+        fig_w = _PANEL_W * len(self.cols)
+        row_h = [panel_w * a + 0.6 for a in aspects]
+        fig = Figure(figsize=(fig_w, sum(row_h) + legend_h + 0.9), dpi=dpi, layout="constrained")
+        fig.get_layout_engine().set(w_pad=0.04, h_pad=0.06, wspace=0.06, hspace=0.02)
+        title, subtitle = _header(self.r, url)
+        width_chars = int(fig_w * 14)
+        fig.suptitle(title + "\n" + "\n".join(textwrap.wrap(subtitle, width_chars)), fontsize=8.5, linespacing=1.45)
+        grid = fig.add_gridspec(len(self.rows) + 1, len(self.cols), height_ratios=[*row_h, legend_h])
+        for i, row in enumerate(self.rows):
+            axes = [fig.add_subplot(grid[i, j]) for j in range(len(self.cols))]
+            for ax in axes:
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for sp in ax.spines.values():
+                    sp.set_color("#bbbbbb")
+            if self.with_images:
+                self._image_panel(axes.pop(0), row)
+            self._argmax_panel(axes[0], row)
+            self._uncertainty_panel(fig, axes[1], row)
+            self._feature_panel(axes[2], row, self.pca[i])
+        self._legend(fig.add_subplot(grid[len(self.rows), :]))
+        return fig
+
+    def _image_panel(self, ax: Any, row: _Row) -> None:
+        """The image, with the view's crop box drawn on it in a views store."""
+        from matplotlib.patches import Rectangle
+
+        assert row.image_rgb is not None
+        ax.imshow(row.image_rgb, interpolation="antialiased")
+        views = self.r.schema.mode == "views"
+        if views:
+            ih, iw = row.image_rgb.shape[:2]
+            fy, fx = ih / row.size[0], iw / row.size[1]
+            hs, ws = row.entry.view.resized
+            y0, x0, ch, cw = row.entry.view.box
+            sy, sx = row.size[0] / hs, row.size[1] / ws
+            top, left = y0 * sy * fy, x0 * sx * fx
+            bottom = min((y0 + ch) * sy, row.size[0]) * fy
+            right = min((x0 + cw) * sx, row.size[1]) * fx
+            box = ((left - 0.5, top - 0.5), right - left, bottom - top)
+            ax.add_patch(Rectangle(*box, fill=False, lw=2.4, ec="#ffd400"))
+            ax.add_patch(Rectangle(*box, fill=False, lw=0.9, ec="black", ls=(0, (3, 3))))
+        ax.set_title(row.entry.image_id, fontsize=8, loc="left")
+        caption = f"{row.size[0]}×{row.size[1]} px" + (" · yellow: the view's crop" if views else "")
+        ax.set_xlabel(
+            caption + (f" — {row.note}" if row.note else ""),
+            fontsize=7,
+            color="#b00020" if row.note else "#555555",
+        )
+
+    def _argmax_panel(self, ax: Any, row: _Row) -> None:
+        """The teacher's argmax in the palette, blended over the view's pixels when there are any."""
+        e = row.entry
+        colours = self.palette[row.argmax].astype(np.float32)
+        if row.view_rgb is not None:
+            blend = 0.55 * colours + 0.45 * row.view_rgb.astype(np.float32)
+            blend[row.pad] = row.view_rgb[row.pad]
+            ax.imshow(blend.astype(np.uint8), interpolation="nearest")
+        else:
+            ax.imshow(colours.astype(np.uint8), interpolation="nearest")
+        where = " over the view" if self.r.schema.mode == "views" else " over the image"
+        title = "teacher argmax" + (where if row.view_rgb is not None else "")
+        if row.label_agreement is not None:
+            title += f" · agrees with the label on {100 * row.label_agreement:.1f}%"
+        ax.set_title(title, fontsize=8, loc="left")
+        padded = " · padding shaded" if row.pad is not None and row.pad.any() else ""
+        ax.set_xlabel(_view_text(self.r, e.index, e.view, e.grid) + padded, fontsize=7, color="#555555")
+        if not self.with_images:
+            ax.set_ylabel(e.image_id, fontsize=7)
+
+    @staticmethod
+    def _uncertainty_panel(fig: Any, ax: Any, row: _Row) -> None:
+        """Normalised entropy with its colour bar."""
+        im = ax.imshow(row.uncertainty, cmap="magma", vmin=0, vmax=1, interpolation="bilinear")
+        ax.set_title(f"uncertainty: entropy / log K · mean max p {row.confidence:.2f}", fontsize=8, loc="left")
+        _shade_padding(ax, row.pad)
+        cax = ax.inset_axes((1.015, 0.0, 0.025, 1.0))
+        cb = fig.colorbar(im, cax=cax, ticks=[0, 0.5, 1])
+        cb.ax.tick_params(labelsize=6, length=2, pad=1)
+        cb.outline.set_visible(False)
+
+    def _feature_panel(self, ax: Any, row: _Row, rgb: np.ndarray | None) -> None:
+        """The feature cells in joint-PCA colours, or a grey panel for a store without features."""
+        if rgb is None:
+            ax.set_facecolor("#f2f2f2")
+            ax.set_box_aspect(row.disp[0] / row.disp[1])
+            ax.text(0.5, 0.5, "no features stored", ha="center", va="center", fontsize=9, color="#777777")
+            return
+        ax.imshow(rgb, interpolation="nearest")
+        _shade_padding(ax, row.pad)
+        f, feature = self.r.schema.features, row.entry.feature
+        assert f is not None and feature is not None
+        ax.set_title(f"feature cells → RGB (joint PCA, {100 * self.var:.0f}% of variance)", fontsize=8, loc="left")
+        ax.set_xlabel(
+            f"{f.channels} channels, {f.pool}-pooled {f.block[0]}×{f.block[1]} → "
+            f"{feature.shape[1]}×{feature.shape[2]} cells ({f.codec})",
+            fontsize=7,
+            color="#555555",
+        )
+
+    def _legend(self, lax: Any) -> None:
+        """The classes present in the argmax panels, largest first, with their share of the pixels."""
+        from matplotlib.patches import Patch
+
+        lax.axis("off")
+        if not self.shown:
+            return
+        handles = [
+            Patch(
+                facecolor=self.palette[c] / 255.0,
+                edgecolor="#444444",
+                linewidth=0.5,
+                label=f"{self.names[c]} {100 * self.share[c]:.1f}%",
+            )
+            for c in self.shown
+        ]
+        what = "classes in the teacher's argmax, share of the pixels shown"
+        if self.rare:
+            what += f" ({self.rare} more below 0.05%)"
+        lax.legend(
+            handles=handles,
+            loc="upper center",
+            ncol=self.legend_cols,
+            fontsize=7,
+            frameon=False,
+            title=what,
+            title_fontsize=7.5,
+            handlelength=1.2,
+            columnspacing=1.4,
+        )
+
+
 def render_preview(
     url: str,
     out: str | os.PathLike,
@@ -362,9 +525,6 @@ def render_preview(
         CacheError: bad selection, unreadable entries; DatasetError: the dataset or an image
         cannot be read, or an id of the cache is not a safe id of the dataset.
     """
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch, Rectangle
-
     r = open_cache(url, storage_options=storage_options, cache_dir=cache_dir, allow_incomplete=True)
     entries = select_entries(r, indices=indices, ids=ids, sheet=sheet)
     dataset = None
@@ -374,146 +534,8 @@ def render_preview(
         dataset = open_dataset(dataset_root, splits=r.schema.dataset.splits)
     warnings: list[str] = []
     rows = [_make_row(r, e, dataset, warnings) for e in entries]
-    pca, var = _pca_rgb(rows)
-    palette = class_palette(r.schema, dataset)
-    names = r.schema.dataset.class_names
-    with_images = dataset is not None
-
-    cols = ["image"] if with_images else []
-    cols += ["argmax", "uncertainty", "features"]
-    aspects = [
-        max(
-            row.disp[0] / row.disp[1],
-            row.image_rgb.shape[0] / row.image_rgb.shape[1] if row.image_rgb is not None else 0,
-        )
-        for row in rows
-    ]
-    counts = np.zeros(len(names), dtype=np.int64)
-    for row in rows:
-        shown_px = row.argmax if row.pad is None else row.argmax[~row.pad]
-        counts += np.bincount(shown_px.ravel(), minlength=len(names))[: len(names)]
-    share = counts / max(1, int(counts.sum()))
-    shown = [int(c) for c in np.argsort(-counts) if share[c] >= 0.0005]
-    rare = int(((share > 0) & (share < 0.0005)).sum())
-    legend_cols = min(max(1, len(shown)), 3 * len(cols))
-    legend_h = 0.45 + 0.2 * -(-len(shown) // legend_cols)
-    panel_w = _PANEL_W * 0.9
-    fig_w = _PANEL_W * len(cols)
-    row_h = [panel_w * a + 0.6 for a in aspects]
-    fig_h = sum(row_h) + legend_h + 0.9
-    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi, layout="constrained")
-    fig.get_layout_engine().set(w_pad=0.04, h_pad=0.06, wspace=0.06, hspace=0.02)
-    title, subtitle = _header(r, url)
-    width_chars = int(fig_w * 14)
-    fig.suptitle(title + "\n" + "\n".join(textwrap.wrap(subtitle, width_chars)), fontsize=8.5, linespacing=1.45)
-    grid = fig.add_gridspec(len(rows) + 1, len(cols), height_ratios=[*row_h, legend_h])
-    for i, row in enumerate(rows):
-        e = row.entry
-        v = e.view
-        axes = [fig.add_subplot(grid[i, j]) for j in range(len(cols))]
-        for ax in axes:
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for sp in ax.spines.values():
-                sp.set_color("#bbbbbb")
-        j = 0
-        if with_images:
-            ax = axes[0]
-            ax.imshow(row.image_rgb, interpolation="antialiased")
-            ih, iw = row.image_rgb.shape[:2]
-            fy, fx = ih / row.size[0], iw / row.size[1]
-            if r.schema.mode == "views":
-                hs, ws = v.resized
-                y0, x0, ch, cw = v.box
-                sy, sx = row.size[0] / hs, row.size[1] / ws
-                top, left = y0 * sy * fy, x0 * sx * fx
-                bottom = min((y0 + ch) * sy, row.size[0]) * fy
-                right = min((x0 + cw) * sx, row.size[1]) * fx
-                box = ((left - 0.5, top - 0.5), right - left, bottom - top)
-                ax.add_patch(Rectangle(*box, fill=False, lw=2.4, ec="#ffd400"))
-                ax.add_patch(Rectangle(*box, fill=False, lw=0.9, ec="black", ls=(0, (3, 3))))
-            ax.set_title(e.image_id, fontsize=8, loc="left")
-            caption = f"{row.size[0]}×{row.size[1]} px"
-            if r.schema.mode == "views":
-                caption += " · yellow: the view's crop"
-            ax.set_xlabel(
-                caption + (f" — {row.note}" if row.note else ""),
-                fontsize=7,
-                color="#b00020" if row.note else "#555555",
-            )
-            j = 1
-        # the teacher's argmax over the view
-        ax = axes[j]
-        colours = palette[row.argmax].astype(np.float32)
-        if row.view_rgb is not None:
-            blend = 0.55 * colours + 0.45 * row.view_rgb.astype(np.float32)
-            blend[row.pad] = row.view_rgb[row.pad]
-            ax.imshow(blend.astype(np.uint8), interpolation="nearest")
-        else:
-            ax.imshow(colours.astype(np.uint8), interpolation="nearest")
-        where = " over the view" if r.schema.mode == "views" else " over the image"
-        title = "teacher argmax" + (where if row.view_rgb is not None else "")
-        if row.label_agreement is not None:
-            title += f" · agrees with the label on {100 * row.label_agreement:.1f}%"
-        ax.set_title(title, fontsize=8, loc="left")
-        padded = " · padding shaded" if row.pad is not None and row.pad.any() else ""
-        ax.set_xlabel(_view_text(r, e.index, v, e.grid) + padded, fontsize=7, color="#555555")
-        if not with_images:
-            ax.set_ylabel(e.image_id, fontsize=7)
-        # uncertainty
-        ax = axes[j + 1]
-        im = ax.imshow(row.uncertainty, cmap="magma", vmin=0, vmax=1, interpolation="bilinear")
-        ax.set_title(f"uncertainty: entropy / log K · mean max p {row.confidence:.2f}", fontsize=8, loc="left")
-        _shade_padding(ax, row.pad)
-        cax = ax.inset_axes((1.015, 0.0, 0.025, 1.0))
-        cb = fig.colorbar(im, cax=cax, ticks=[0, 0.5, 1])
-        cb.ax.tick_params(labelsize=6, length=2, pad=1)
-        cb.outline.set_visible(False)
-        # features
-        ax = axes[j + 2]
-        if pca[i] is not None:
-            ax.imshow(pca[i], interpolation="nearest")
-            _shade_padding(ax, row.pad)
-            f = r.schema.features
-            assert f is not None and e.feature is not None
-            ax.set_title(f"feature cells → RGB (joint PCA, {100 * var:.0f}% of variance)", fontsize=8, loc="left")
-            ax.set_xlabel(
-                f"{f.channels} channels, {f.pool}-pooled {f.block[0]}×{f.block[1]} → "
-                f"{e.feature.shape[1]}×{e.feature.shape[2]} cells ({f.codec})",
-                fontsize=7,
-                color="#555555",
-            )
-        else:
-            ax.set_facecolor("#f2f2f2")
-            ax.set_box_aspect(row.disp[0] / row.disp[1])
-            ax.text(0.5, 0.5, "no features stored", ha="center", va="center", fontsize=9, color="#777777")
-    # legend: the classes present, largest first
-    handles = [
-        Patch(
-            facecolor=palette[c] / 255.0,
-            edgecolor="#444444",
-            linewidth=0.5,
-            label=f"{names[c]} {100 * share[c]:.1f}%",
-        )
-        for c in shown
-    ]
-    lax = fig.add_subplot(grid[len(rows), :])
-    lax.axis("off")
-    if handles:
-        what = "classes in the teacher's argmax, share of the pixels shown"
-        if rare:
-            what += f" ({rare} more below 0.05%)"
-        lax.legend(
-            handles=handles,
-            loc="upper center",
-            ncol=legend_cols,
-            fontsize=7,
-            frameon=False,
-            title=what,
-            title_fontsize=7.5,
-            handlelength=1.2,
-            columnspacing=1.4,
-        )
+    sheet_ = _Sheet(r, rows, class_palette(r.schema, dataset), with_images=dataset is not None)
+    fig = sheet_.draw(url, dpi)
     out = str(out)
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
@@ -526,6 +548,6 @@ def render_preview(
         out=out,
         entries=entries,
         image_ids=[row.entry.image_id for row in rows],
-        with_images=with_images,
+        with_images=sheet_.with_images,
         warnings=warnings,
     )

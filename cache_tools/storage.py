@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -110,156 +111,163 @@ def check_writable(url: str) -> None:
         )
 
 
-def _read_through_class() -> type:
-    """:class:`ReadThroughStore` is built on first use so that importing this module stays cheap."""
+def _bounds(byte_range: Any, size: int) -> tuple[int, int]:
+    """``[start, stop)`` of a zarr byte request on an object of ``size`` bytes (stop may pass the end)."""
     from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+    if isinstance(byte_range, RangeByteRequest):
+        return byte_range.start, byte_range.end
+    if isinstance(byte_range, OffsetByteRequest):
+        return byte_range.offset, size
+    if isinstance(byte_range, SuffixByteRequest):
+        return max(0, size - byte_range.suffix), size
+    raise ValueError(f"unexpected byte range {byte_range!r}")
+
+
+class _ReadThrough:
+    """A read-only zarr store that keeps a local copy of every object it reads.
+
+    fsspec's ``simplecache::`` cannot serve here: under zarr's async FsspecStore it awaits the
+    remote filesystem on the wrong event loop, seeks to negative offsets for the shard-index
+    suffix reads, and writes downloads in place, so a concurrent reader can see half a file.
+    This store downloads each object whole (once per process, concurrent requests share the
+    download), writes it to a temporary name and renames it into place (atomic, so several
+    processes can share one cache directory), and answers byte ranges from the local copy.
+    Metadata documents (``zarr.json``) always come from the remote store.
+
+    A local copy is trusted only while what it holds matches the store's own checks: a reader
+    that finds an entry missing or not matching its checksum calls :meth:`forget` on the objects
+    it read and reads them again, so a store repaired at its origin (``skdcache copy
+    --checksum``) is read afresh, and a copy damaged on local disk heals itself.
+
+    The methods only: :func:`_read_through_class` mixes them into zarr's ``WrapperStore`` on first
+    use, so that importing this module does not import zarr.
+    """
+
+    _store: Any
+
+    def __init__(self, store: Any, directory: Path) -> None:
+        super().__init__(store)  # type: ignore[call-arg]  # zarr's WrapperStore, see the class docstring
+        self.directory = Path(directory)
+        self._inflight: dict[str, Any] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _with_store(self, store: Any) -> Any:
+        return type(self)(store, self.directory)
+
+    def with_read_only(self, read_only: bool = False) -> Any:
+        if not read_only:
+            raise CacheError("a read-through cache (--cache-dir) is only for reading")
+        return self
+
+    @property
+    def read_only(self) -> bool:
+        return True
+
+    def _local(self, key: str) -> Path:
+        # hashed names: keys come from an untrusted store and must never name a path
+        return self.directory / hashlib.sha256(key.encode()).hexdigest()
+
+    async def _fetch(self, key: str, prototype: Any) -> bytes | None:
+        import asyncio
+
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            buf = await self._store.get(key, prototype)
+            data = None if buf is None else buf.to_bytes()
+            if data is not None:
+                await asyncio.to_thread(self._save, key, data)
+            fut.set_result(data)
+            return data
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved here: waiters re-raise it, nobody else has to
+            raise
+        finally:
+            self._inflight.pop(key, None)
+
+    def _save(self, key: str, data: bytes) -> None:
+        target = self._local(key)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except OSError as exc:  # a full or read-only cache disk must not break reading
+            logger.warning("read-through cache %s: cannot keep %s (%s)", self.directory, key, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _read_local(self, key: str, byte_range: Any) -> bytes | None:
+        try:
+            with open(self._local(key), "rb") as f:
+                if byte_range is None:
+                    return f.read()
+                size = os.fstat(f.fileno()).st_size
+                start, stop = _bounds(byte_range, size)
+                f.seek(min(start, size))
+                return f.read(max(0, min(stop, size) - start))
+        except FileNotFoundError:
+            return None
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if key.rsplit("/", 1)[-1] == "zarr.json":
+            return await self._store.get(key, prototype, byte_range)
+        data = self._read_local(key, byte_range)
+        if data is not None:
+            self.hits += 1
+            return prototype.buffer.from_bytes(data)
+        self.misses += 1
+        whole = await self._fetch(key, prototype)
+        if whole is None:
+            return None
+        if byte_range is not None:
+            whole = whole[slice(*_bounds(byte_range, len(whole)))]
+        return prototype.buffer.from_bytes(whole)
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list:
+        import asyncio
+
+        return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
+
+    def forget(self, keys: list[str]) -> int:
+        """Drop the local copies of ``keys`` (the next read fetches them again); returns how many existed."""
+        dropped = 0
+        for key in keys:
+            try:
+                self._local(key).unlink()
+                dropped += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise CacheError(f"read-through cache {self.directory}: cannot drop a stale copy ({exc})") from exc
+        return dropped
+
+    async def set(self, key: str, value: Any) -> None:
+        raise CacheError("a read-through cache (--cache-dir) is only for reading")
+
+    async def delete(self, key: str) -> None:
+        raise CacheError("a read-through cache (--cache-dir) is only for reading")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._store == self._store and other.directory == self.directory
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@functools.cache
+def _read_through_class() -> type:
+    """The read-through store class: :class:`_ReadThrough` over zarr's ``WrapperStore``, made once."""
     from zarr.storage import WrapperStore
 
-    def _slice(data: bytes, byte_range: Any) -> bytes:
-        if byte_range is None:
-            return data
-        if isinstance(byte_range, RangeByteRequest):
-            return data[byte_range.start : byte_range.end]
-        if isinstance(byte_range, OffsetByteRequest):
-            return data[byte_range.offset :]
-        if isinstance(byte_range, SuffixByteRequest):
-            return data[-byte_range.suffix :] if byte_range.suffix else b""
-        raise ValueError(f"unexpected byte range {byte_range!r}")
+    class _ReadThroughStore(_ReadThrough, WrapperStore):
+        __doc__ = _ReadThrough.__doc__
 
-    class _ReadThroughStore(WrapperStore):
-        """A read-only zarr store that keeps a local copy of every object it reads.
-
-        fsspec's ``simplecache::`` cannot serve here: under zarr's async FsspecStore it awaits the
-        remote filesystem on the wrong event loop, seeks to negative offsets for the shard-index
-        suffix reads, and writes downloads in place, so a concurrent reader can see half a file.
-        This store downloads each object whole (once per process, concurrent requests share the
-        download), writes it to a temporary name and renames it into place (atomic, so several
-        processes can share one cache directory), and answers byte ranges from the local copy.
-        Metadata documents (``zarr.json``) always come from the remote store.
-
-        A local copy is trusted only while what it holds matches the store's own checks: a reader
-        that finds an entry missing or not matching its checksum calls :meth:`forget` on the objects
-        it read and reads them again, so a store repaired at its origin (``skdcache copy
-        --checksum``) is read afresh, and a copy damaged on local disk heals itself.
-        """
-
-        def __init__(self, store: Any, directory: Path) -> None:
-            super().__init__(store)
-            self.directory = Path(directory)
-            self._inflight: dict[str, Any] = {}
-            self.hits = 0
-            self.misses = 0
-
-        def _with_store(self, store: Any) -> Any:
-            return type(self)(store, self.directory)
-
-        def with_read_only(self, read_only: bool = False) -> Any:
-            if not read_only:
-                raise CacheError("a read-through cache (--cache-dir) is only for reading")
-            return self
-
-        @property
-        def read_only(self) -> bool:
-            return True
-
-        def _local(self, key: str) -> Path:
-            # hashed names: keys come from an untrusted store and must never name a path
-            return self.directory / hashlib.sha256(key.encode()).hexdigest()
-
-        async def _fetch(self, key: str, prototype: Any) -> bytes | None:
-            import asyncio
-
-            pending = self._inflight.get(key)
-            if pending is not None:
-                return await asyncio.shield(pending)
-            fut = asyncio.get_running_loop().create_future()
-            self._inflight[key] = fut
-            try:
-                buf = await self._store.get(key, prototype)
-                data = None if buf is None else buf.to_bytes()
-                if data is not None:
-                    await asyncio.to_thread(self._save, key, data)
-                fut.set_result(data)
-                return data
-            except BaseException as exc:
-                fut.set_exception(exc)
-                fut.exception()  # retrieved here: waiters re-raise it, nobody else has to
-                raise
-            finally:
-                self._inflight.pop(key, None)
-
-        def _save(self, key: str, data: bytes) -> None:
-            target = self._local(key)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_bytes(data)
-                os.replace(tmp, target)
-            except OSError as exc:  # a full or read-only cache disk must not break reading
-                logger.warning("read-through cache %s: cannot keep %s (%s)", self.directory, key, exc)
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-
-        def _read_local(self, key: str, byte_range: Any) -> bytes | None:
-            try:
-                with open(self._local(key), "rb") as f:
-                    if byte_range is None:
-                        return f.read()
-                    size = os.fstat(f.fileno()).st_size
-                    if isinstance(byte_range, RangeByteRequest):
-                        start, stop = byte_range.start, byte_range.end
-                    elif isinstance(byte_range, OffsetByteRequest):
-                        start, stop = byte_range.offset, size
-                    else:
-                        start, stop = max(0, size - byte_range.suffix), size
-                    f.seek(min(start, size))
-                    return f.read(max(0, min(stop, size) - start))
-            except FileNotFoundError:
-                return None
-
-        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-            if key.rsplit("/", 1)[-1] == "zarr.json":
-                return await self._store.get(key, prototype, byte_range)
-            data = self._read_local(key, byte_range)
-            if data is not None:
-                self.hits += 1
-                return prototype.buffer.from_bytes(data)
-            self.misses += 1
-            whole = await self._fetch(key, prototype)
-            if whole is None:
-                return None
-            return prototype.buffer.from_bytes(_slice(whole, byte_range))
-
-        async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list:
-            import asyncio
-
-            return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
-
-        def forget(self, keys: list[str]) -> int:
-            """Drop the local copies of ``keys`` (the next read fetches them again); returns how many existed."""
-            dropped = 0
-            for key in keys:
-                try:
-                    self._local(key).unlink()
-                    dropped += 1
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    raise CacheError(f"read-through cache {self.directory}: cannot drop a stale copy ({exc})") from exc
-            return dropped
-
-        async def set(self, key: str, value: Any) -> None:
-            raise CacheError("a read-through cache (--cache-dir) is only for reading")
-
-        async def delete(self, key: str) -> None:
-            raise CacheError("a read-through cache (--cache-dir) is only for reading")
-
-        def __eq__(self, other: object) -> bool:
-            return type(other) is type(self) and other._store == self._store and other.directory == self.directory
-
-        __hash__ = None  # type: ignore[assignment]
-
-    _read_through_class.cls = _ReadThroughStore  # type: ignore[attr-defined]
     return _ReadThroughStore
 
 
@@ -268,8 +276,7 @@ def read_through_store(store: Any, directory: str | os.PathLike) -> Any:
 
     The class is defined on first use, so that importing this module does not import zarr.
     """
-    cls = getattr(_read_through_class, "cls", None) or _read_through_class()
-    return cls(store, Path(directory))
+    return _read_through_class()(store, Path(directory))
 
 
 def remove_store(url: str, storage_options: dict | None = None) -> None:

@@ -442,9 +442,6 @@ def verify_cache(
         CacheError: the store cannot be opened at all (not a cache, unknown version, unsafe metadata,
             storage errors); DatasetError: the dataset root cannot be opened.
     """
-    import dask
-    from dask.callbacks import Callback
-
     t0 = time.perf_counter()
     r = open_cache(url, storage_options=storage_options, cache_dir=cache_dir, allow_incomplete=True)
     s = r.schema
@@ -457,11 +454,6 @@ def verify_cache(
         num_shards=s.num_shards,
         dataset_root=None if dataset_root is None else str(dataset_root),
     )
-    if dataset_root is not None:
-        from .datasets import open_dataset
-
-        ds = open_dataset(dataset_root, splits=s.dataset.splits)
-        report.dataset_extra = len(set(ds.ids) - set(r.image_ids))
     job = _Job(
         token=uuid.uuid4().hex,
         url=str(url),
@@ -470,28 +462,26 @@ def verify_cache(
         dataset_root=None if dataset_root is None else str(dataset_root),
         splits=tuple(s.dataset.splits),
     )
+    opened: dict[tuple[str, str], Any] = {(job.token, "reader"): r}  # a threads scheduler's tasks share it
+    if dataset_root is not None:
+        from .datasets import open_dataset
+
+        ds = open_dataset(dataset_root, splits=s.dataset.splits)
+        report.dataset_extra = len(set(ds.ids) - set(r.image_ids))
+        opened[(job.token, "dataset")] = ds
     with _OPEN_LOCK:
-        _OPEN[(job.token, "reader")] = r  # the tasks of a threads scheduler share it
-        if dataset_root is not None:
-            _OPEN[(job.token, "dataset")] = ds
-    state = {"entries": 0, "bytes": 0}
-    lock = threading.Lock()
-
-    class _Progress(Callback):
-        def _posttask(self, key, result, dsk, state_, worker_id):
-            if isinstance(result, _ShardResult):
-                with lock:
-                    state["entries"] += result.entries
-                    state["bytes"] += result.bytes_read
-                    if progress is not None:
-                        progress(state["entries"], s.num_entries, state["bytes"])
-
-    tasks = [dask.delayed(_verify_shard, pure=False)(job, shard) for shard in range(s.num_shards)]
+        _OPEN.update(opened)
     try:
-        with _Progress():
-            results = dask.compute(*tasks, scheduler=scheduler, num_workers=max(1, int(workers)))
+        results = _run_shards(job, s.num_shards, s.num_entries, workers, scheduler, progress)
     finally:
         _forget(job.token)
+    _add_results(report, results)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _add_results(report: VerifyReport, results: tuple[_ShardResult, ...]) -> None:
+    """Add the shards' counts and problems (in shard order) and the sorted id list of each kind."""
     kinds: dict[str, set[str]] = {k: set() for k in VerifyReport._KINDS}
     for res in sorted(results, key=lambda x: x.shard):
         report.entries_ok += res.entries_ok
@@ -502,5 +492,32 @@ def verify_cache(
             kinds[p.kind].add(p.image_id)
     for kind, found in kinds.items():
         setattr(report, kind, sorted(found))
-    report.seconds = time.perf_counter() - t0
-    return report
+
+
+def _run_shards(
+    job: _Job,
+    num_shards: int,
+    num_entries: int,
+    workers: int,
+    scheduler: str,
+    progress: Callable[[int, int, int], None] | None,
+) -> tuple[_ShardResult, ...]:
+    """One dask task per shard; ``progress(entries_done, entries_total, bytes_read)`` after each."""
+    import dask
+    from dask.callbacks import Callback
+
+    state = {"entries": 0, "bytes": 0}
+    lock = threading.Lock()
+
+    class _Progress(Callback):
+        def _posttask(self, key, result, dsk, state_, worker_id):
+            if isinstance(result, _ShardResult):
+                with lock:
+                    state["entries"] += result.entries
+                    state["bytes"] += result.bytes_read
+                    if progress is not None:
+                        progress(state["entries"], num_entries, state["bytes"])
+
+    tasks = [dask.delayed(_verify_shard, pure=False)(job, shard) for shard in range(num_shards)]
+    with _Progress():
+        return dask.compute(*tasks, scheduler=scheduler, num_workers=max(1, int(workers)))
