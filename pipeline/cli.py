@@ -5,13 +5,15 @@ Commands are thin: each turns its options into a config and calls one library fu
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cache_tools.cli import register_commands as register_cache_commands
 from cache_tools.clikit import (
+    Opt,
     check_destination,
     config_from_flags,
     console,
@@ -20,30 +22,20 @@ from cache_tools.clikit import (
     hw,
     in_range,
     names,
+    new_app,
     parse_storage_options,
     print_json,
     progress_bar,
     run_app,
     set_interrupt_hint,
-    setup_logging,
     verbose,
+    with_options,
 )
 from cache_tools.errors import ConfigError
 
-app = typer.Typer(
-    name="skdcache",
-    help="Run a segmentation teacher once and share its targets as a Zarr v3 cache.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    context_settings={"help_option_names": ["-h", "--help"]},
-    pretty_exceptions_enable=False,
-    add_completion=False,
+app = new_app(
+    "skdcache", "Run a segmentation teacher once and share its targets as a Zarr v3 cache.", "Log progress details."
 )
-
-
-@app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
-    setup_logging(verbose)
 
 
 @app.command("sample-data")
@@ -84,7 +76,7 @@ def teachers(json_out: Annotated[bool, typer.Option("--json", help="Print JSON."
     """List the registered teachers (any registered model can be a teacher)."""
     from rich.table import Table
 
-    from .teachers import list_teachers
+    from .registry import list_teachers
 
     entries = list_teachers()
     families = {e.name: _family_of_name(e.name) for e in entries}
@@ -131,119 +123,88 @@ def weights_cmd(
         console.print(line, markup=False, highlight=False)  # lines hold [1, 1, 1, 1] shapes
 
 
-@app.command("build")
-def build(
-    data: Annotated[Path, typer.Option(help="Dataset root (Cityscapes or folder layout).")],
-    out: Annotated[str, typer.Option(help="Store URL: a path or any fsspec URL (s3://bucket/x.zarr).")],
-    teacher: Annotated[
+#: ``skdcache build``'s options in --help order. Each but json/workers/scheduler is the BuildConfig field of the same flag
+#: (cache_tools.options.flag_of); tests/pipeline/test_cli.py fails when a flag, default or choice drifts from
+#: the field. The defaults are written here, not read from BuildConfig, because that module imports
+#: torch, and reading it would add seconds to every skdcache command, --help included.
+BUILD_OPTIONS = {
+    "data": Opt(Path, ..., "Dataset root (Cityscapes or folder layout)."),
+    "out": Opt(str, ..., "Store URL: a path or any fsspec URL (s3://bucket/x.zarr)."),
+    "teacher": Opt(
         str | None,
-        typer.Option(
-            help="Registered model name, or package.module:factory (default: the model recognised from --weights)."
-        ),
-    ] = None,
-    weights: Annotated[
-        Path | None,
-        typer.Option(help="Teacher checkpoint (.safetensors or .pth/.pt; skd, SKD official, mmseg or CIRKD)."),
-    ] = None,
-    random_weights: Annotated[
-        bool, typer.Option("--random-weights", help="Use seeded random weights (smoke tests only).")
-    ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of --random-weights.")] = 0,
-    weights_format: Annotated[str, typer.Option(help="auto | skd | official (InPlace-ABN checkpoints).")] = "auto",
-    no_teacher_check: Annotated[
-        bool,
-        typer.Option("--no-teacher-check", help="Skip the teacher sanity gate (mIoU on labelled images first)."),
-    ] = False,
-    check_split: Annotated[
-        str | None, typer.Option(help="Labelled split the teacher check runs on (default: the cached split).")
-    ] = None,
-    check_images: Annotated[int, typer.Option(help="Labelled images the teacher check evaluates.")] = 8,
-    split: Annotated[str, typer.Option(help="Split(s), comma separated.")] = "train",
-    mode: Annotated[
-        str, typer.Option(help="dense: one pass per image | views: K augmented views per image.")
-    ] = "dense",
-    views: Annotated[int, typer.Option(help="views mode: views per image.")] = 4,
-    crop: Annotated[str, typer.Option(help="views mode: crop HxW.")] = "512x512",
-    view_seed: Annotated[int, typer.Option(help="views mode: seed of the view draw.")] = 0,
-    scales: Annotated[str | None, typer.Option(help="views mode: scales, comma separated (default 0.7..2.1).")] = None,
-    no_flip: Annotated[bool, typer.Option("--no-flip", help="views mode: never mirror views.")] = False,
-    dense_flip: Annotated[bool, typer.Option("--dense-flip", help="dense mode: also run the mirrored image.")] = False,
-    inference: Annotated[str, typer.Option(help="dense mode: whole | slide (tiled, for memory).")] = "whole",
-    tile: Annotated[str | None, typer.Option(help="slide inference tile HxW.")] = None,
-    overlap: Annotated[float, typer.Option(help="slide inference overlap.")] = 1.0 / 3.0,
-    logits_codec: Annotated[
-        str, typer.Option(help="fp32 | fp16 | int8-pixel | int8-channel | gap-u8 | gap-u16.")
-    ] = "gap-u8",
-    logits_clip: Annotated[
-        float | None, typer.Option(help="gap codecs: largest stored gap (default 48 for gap-u8, 64 for gap-u16).")
-    ] = None,
-    features_codec: Annotated[
-        str, typer.Option(help="fp16 | int8 (per entry and channel) | fp32 | pcaK (e.g. pca64).")
-    ] = "fp16",
-    no_features: Annotated[bool, typer.Option("--no-features", help="Store logits only (no pair-wise loss).")] = False,
-    features_pool: Annotated[str, typer.Option(help="max (official) | avg (paper).")] = "max",
-    features_block: Annotated[
-        str | None, typer.Option(help="Feature pooling cell HxW on the teacher grid (1x1 = full map).")
-    ] = None,
-    compressor: Annotated[
-        str, typer.Option(help="zstd[:level] | blosc-lz4[:level] | blosc-zstd[:level] | none.")
-    ] = "zstd:1",
-    shard_size: Annotated[int | None, typer.Option(help="Images per shard (default: ~32 MB shards).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Teacher batch (views mode).")] = 8,
-    queue_size: Annotated[int, typer.Option(help="Teacher outputs queued for the encode/write threads.")] = 8,
-    pca_samples: Annotated[int, typer.Option(help="pcaK feature codecs: entries the PCA basis is fitted on.")] = 16,
-    loader_workers: Annotated[int, typer.Option(help="Image-decoding processes.")] = 2,
-    writer_threads: Annotated[int, typer.Option(help="Encode/write threads.")] = 2,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    precision: Annotated[
-        str,
-        typer.Option(
-            help="Teacher precision: fp32 | tf32 | fp16 | bf16 (its error against fp32 is measured and recorded)."
-        ),
-    ] = "fp32",
-    no_amp: Annotated[bool, typer.Option("--no-amp", help="Deprecated: the same as --precision fp32.")] = False,
-    fidelity_samples: Annotated[int, typer.Option(help="Entries whose codec error is measured.")] = 64,
-    skip_unreadable: Annotated[
-        bool, typer.Option("--skip-unreadable", help="Skip (and report) images that cannot be decoded.")
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace a store built with another configuration.")
-    ] = False,
-    storage_option: Annotated[
-        list[str] | None, typer.Option("--storage-option", "-S", help="fsspec option KEY=VALUE (repeatable).")
-    ] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Build on a dask LocalCluster with N workers (one per GPU when GPUs exist).")
-    ] = None,
-    scheduler: Annotated[str | None, typer.Option(help="Use an existing dask scheduler (tcp://host:port).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
+        None,
+        "Registered model name, or package.module:factory (default: the model recognised from --weights).",
+    ),
+    "weights": Opt(
+        Path | None, None, "Teacher checkpoint (.safetensors or .pth/.pt; skd, SKD official, mmseg or CIRKD)."
+    ),
+    "random_weights": Opt(bool, False, "Use seeded random weights (smoke tests only)."),
+    "seed": Opt(int, 0, "Seed of --random-weights."),
+    "weights_format": Opt(str, "auto", "auto | skd | official (InPlace-ABN checkpoints)."),
+    "no_teacher_check": Opt(bool, False, "Skip the teacher sanity gate (mIoU on labelled images first)."),
+    "check_split": Opt(str | None, None, "Labelled split the teacher check runs on (default: the cached split)."),
+    "check_images": Opt(int, 8, "Labelled images the teacher check evaluates."),
+    "split": Opt(str, "train", "Split(s), comma separated."),
+    "mode": Opt(str, "dense", "dense: one pass per image | views: K augmented views per image."),
+    "views": Opt(int, 4, "views mode: views per image."),
+    "crop": Opt(str, "512x512", "views mode: crop HxW."),
+    "view_seed": Opt(int, 0, "views mode: seed of the view draw."),
+    "scales": Opt(str | None, None, "views mode: scales, comma separated (default 0.7..2.1)."),
+    "no_flip": Opt(bool, False, "views mode: never mirror views."),
+    "dense_flip": Opt(bool, False, "dense mode: also run the mirrored image."),
+    "inference": Opt(str, "whole", "dense mode: whole | slide (tiled, for memory)."),
+    "tile": Opt(str | None, None, "slide inference tile HxW."),
+    "overlap": Opt(float, 1.0 / 3.0, "slide inference overlap."),
+    "logits_codec": Opt(str, "gap-u8", "fp32 | fp16 | int8-pixel | int8-channel | gap-u8 | gap-u16."),
+    "logits_clip": Opt(float | None, None, "gap codecs: largest stored gap (default 48 for gap-u8, 64 for gap-u16)."),
+    "features_codec": Opt(str, "fp16", "fp16 | int8 (per entry and channel) | fp32 | pcaK (e.g. pca64)."),
+    "no_features": Opt(bool, False, "Store logits only (no pair-wise loss)."),
+    "features_pool": Opt(str, "max", "max (official) | avg (paper)."),
+    "features_block": Opt(str | None, None, "Feature pooling cell HxW on the teacher grid (1x1 = full map)."),
+    "compressor": Opt(str, "zstd:1", "zstd[:level] | blosc-lz4[:level] | blosc-zstd[:level] | none."),
+    "shard_size": Opt(int | None, None, "Images per shard (default: ~32 MB shards)."),
+    "batch_size": Opt(int, 8, "Teacher batch (views mode)."),
+    "queue_size": Opt(int, 8, "Teacher outputs queued for the encode/write threads."),
+    "pca_samples": Opt(int, 16, "pcaK feature codecs: entries the PCA basis is fitted on."),
+    "loader_workers": Opt(int, 2, "Image-decoding processes."),
+    "writer_threads": Opt(int, 2, "Encode/write threads."),
+    "device": Opt(str, "auto", "auto | cpu | cuda | cuda:N."),
+    "precision": Opt(
+        str, "fp32", "Teacher precision: fp32 | tf32 | fp16 | bf16 (its error against fp32 is measured and recorded)."
+    ),
+    "no_amp": Opt(bool, False, "Deprecated: the same as --precision fp32."),
+    "fidelity_samples": Opt(int, 64, "Entries whose codec error is measured."),
+    "skip_unreadable": Opt(bool, False, "Skip (and report) images that cannot be decoded."),
+    "overwrite": Opt(bool, False, "Replace a store built with another configuration."),
+    "storage_option": Opt(list[str] | None, None, "fsspec option KEY=VALUE (repeatable).", ("--storage-option", "-S")),
+    "threads": Opt(int | None, None, "torch CPU threads."),
+    "workers": Opt(int | None, None, "Build on a dask LocalCluster with N workers (one per GPU when GPUs exist)."),
+    "scheduler": Opt(str | None, None, "Use an existing dask scheduler (tcp://host:port)."),
+    "json_out": Opt(bool, False, "Print the result as JSON.", ("--json",)),
+}
+
+
+@app.command("build")
+@with_options(BUILD_OPTIONS)
+def build(**flags: Any) -> None:
     """Run the teacher once and write a compressed, provenance-stamped cache (resumable)."""
     set_interrupt_hint(": written shards are kept; re-run the same command to resume the build")
     from .build import BuildConfig, build_cache
 
-    # every flag maps onto the BuildConfig field of the same flag (cache_tools.options.flag_of)
-    flags = {**locals(), "storage_option": parse_storage_options(storage_option)}
+    flags["storage_option"] = parse_storage_options(flags["storage_option"])
     config = config_from_flags(
         BuildConfig,
         flags,
         {"splits": names, "crop": hw, "scales": floats, "tile": hw, "features_block": hw},
     )
-    check_destination(out, "--out")
+    check_destination(config.out, "--out")
+    workers, scheduler = flags["workers"], flags["scheduler"]
     in_range("--workers", workers, 1, 4096)
+    run = build_cache
     if workers is not None or scheduler is not None:
         from .distributed import build_cache_distributed
 
-        def run(progress):
-            return build_cache_distributed(
-                config, workers=workers, scheduler=scheduler, progress=progress, quiet=not verbose()
-            )
-
-    else:
-
-        def run(progress):
-            return build_cache(config, progress=progress)
+        run = functools.partial(build_cache_distributed, workers=workers, scheduler=scheduler, quiet=not verbose())
 
     # the progress bar goes to stderr, so --json output on stdout stays machine-readable
     with progress_bar("build", total=None, unit="entries") as update:
@@ -252,8 +213,8 @@ def build(
             rate = p.entries_done / max(p.seconds, 1e-9)
             update(p.entries_done, total=p.entries_total, rate=f"{rate:.1f}/s", extra=f"{p.bytes_written / 1e6:.1f} MB")
 
-        result = run(progress)
-    if json_out:
+        result = run(config, progress=progress)
+    if flags["json_out"]:
         print_json(_build_summary(result))
         return
     _print_build(result)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cache_tools.clikit import (
+    Opt,
     check_destination,
     config_from_flags,
     console,
@@ -17,29 +18,22 @@ from cache_tools.clikit import (
     hw,
     in_range,
     names,
+    new_app,
     parse_storage_options,
     print_json,
+    progress_bar,
     run_app,
     set_interrupt_hint,
-    setup_logging,
+    with_options,
 )
 from cache_tools.errors import ConfigError
 from cache_tools.schema import parse_hw
 
-app = typer.Typer(
-    name="skdstudent",
-    help="Train segmentation students with structured knowledge distillation from a teacher cache.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    context_settings={"help_option_names": ["-h", "--help"]},
-    pretty_exceptions_enable=False,
-    add_completion=False,
+app = new_app(
+    "skdstudent",
+    "Train segmentation students with structured knowledge distillation from a teacher cache.",
+    "Log details.",
 )
-
-
-@app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False) -> None:
-    setup_logging(verbose)
 
 
 @app.command("students")
@@ -61,113 +55,108 @@ def students(json_out: Annotated[bool, typer.Option("--json", help="Print JSON."
     console.print(table)
 
 
-def _parse_losses(text: str) -> tuple[str, ...]:
+def _parse_losses(text: str, flag: str) -> tuple[str, ...]:
+    """``--losses`` text -> loss names in order, duplicates dropped; ``none`` (or nothing) -> ()."""
     text = text.strip().lower()
     if text in ("none", ""):
         return ()
     return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
 
 
-@app.command("train")
-def train(
-    data: Annotated[Path, typer.Option(help="Dataset root (Cityscapes or folder layout).")],
-    out: Annotated[Path, typer.Option(help="Run directory (checkpoints, metrics.jsonl, model.safetensors).")],
-    student: Annotated[
-        str, typer.Option(help="Student name (skdstudent students) or package.module:factory.")
-    ] = "psp18",
-    cache: Annotated[str | None, typer.Option(help="Teacher cache URL (path or fsspec URL).")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Online teacher name (instead of --cache).")] = None,
-    weights: Annotated[Path | None, typer.Option(help="Online teacher checkpoint.")] = None,
-    losses: Annotated[
-        str, typer.Option(help="Any of pixel,pair,holistic (SKD) and kd,cwd,dist,ifvd, comma separated, or none.")
-    ] = "pixel,pair,holistic",
-    split: Annotated[str, typer.Option(help="Training split(s), comma separated (unlabelled ones too).")] = "train",
-    labelled_share: Annotated[
-        float | None,
-        typer.Option(help="Share of labelled samples in each batch (default: the splits' natural proportion)."),
-    ] = None,
-    iters: Annotated[int, typer.Option(help="Iterations.")] = 40000,
-    batch_size: Annotated[int, typer.Option(help="Batch per process.")] = 8,
-    crop: Annotated[str, typer.Option(help="Crop HxW (views caches use their stored crop).")] = "512x512",
-    scales: Annotated[str | None, typer.Option(help="Random scales, comma separated (default 0.7..2.1).")] = None,
-    no_flip: Annotated[bool, typer.Option("--no-flip", help="No random mirroring.")] = False,
-    photometric: Annotated[float, typer.Option(help="Colour jitter of the student input only (0 = off).")] = 0.0,
-    lr: Annotated[float, typer.Option(help="Student SGD learning rate (poly decay).")] = 0.01,
-    momentum: Annotated[float, typer.Option(help="SGD momentum (student and sgd critic).")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
-    poly_power: Annotated[float, typer.Option(help="Power of the poly learning-rate decay.")] = 0.9,
-    pretrained: Annotated[
+#: ``skdstudent train``'s options in --help order. Each but json/nproc is the TrainConfig field of the same flag
+#: (cache_tools.options.flag_of); tests/student/test_cli.py fails when a flag, default or choice drifts from
+#: the field. The defaults are written here, not read from TrainConfig, because that module imports
+#: torch, and reading it would add seconds to every skdstudent command, --help included.
+TRAIN_OPTIONS = {
+    "data": Opt(Path, ..., "Dataset root (Cityscapes or folder layout)."),
+    "out": Opt(Path, ..., "Run directory (checkpoints, metrics.jsonl, model.safetensors)."),
+    "student": Opt(str, "psp18", "Student name (skdstudent students) or package.module:factory."),
+    "cache": Opt(str | None, None, "Teacher cache URL (path or fsspec URL)."),
+    "teacher": Opt(str | None, None, "Online teacher name (instead of --cache)."),
+    "weights": Opt(Path | None, None, "Online teacher checkpoint."),
+    "losses": Opt(
+        str, "pixel,pair,holistic", "Any of pixel,pair,holistic (SKD) and kd,cwd,dist,ifvd, comma separated, or none."
+    ),
+    "split": Opt(str, "train", "Training split(s), comma separated (unlabelled ones too)."),
+    "labelled_share": Opt(
+        float | None, None, "Share of labelled samples in each batch (default: the splits' natural proportion)."
+    ),
+    "iters": Opt(int, 40000, "Iterations."),
+    "batch_size": Opt(int, 8, "Batch per process."),
+    "crop": Opt(str, "512x512", "Crop HxW (views caches use their stored crop)."),
+    "scales": Opt(str | None, None, "Random scales, comma separated (default 0.7..2.1)."),
+    "no_flip": Opt(bool, False, "No random mirroring."),
+    "photometric": Opt(float, 0.0, "Colour jitter of the student input only (0 = off)."),
+    "lr": Opt(float, 0.01, "Student SGD learning rate (poly decay)."),
+    "momentum": Opt(float, 0.9, "SGD momentum (student and sgd critic)."),
+    "weight_decay": Opt(float, 5e-4, "Weight decay."),
+    "poly_power": Opt(float, 0.9, "Power of the poly learning-rate decay."),
+    "pretrained": Opt(
         Path | None,
-        typer.Option(
-            help="ImageNet backbone file (mmcv v1c, CSAIL/CIRKD deep-stem, timm/torchvision where the stem fits)."
-        ),
-    ] = None,
-    lambda_pi: Annotated[float, typer.Option(help="Pixel-wise weight.")] = 10.0,
-    lambda_pa: Annotated[float, typer.Option(help="Pair-wise weight.")] = 0.5,
-    lambda_d: Annotated[float, typer.Option(help="Holistic weight (student term and critic loss).")] = 0.1,
-    lambda_gp: Annotated[float, typer.Option(help="Gradient-penalty weight inside the critic loss.")] = 10.0,
-    aux_weight: Annotated[float, typer.Option(help="Auxiliary head CE weight.")] = 0.4,
-    pixel_mode: Annotated[str, typer.Option(help="official (batch-summed soft CE) | kl (CIRKD).")] = "official",
-    temperature: Annotated[float, typer.Option(help="Pixel-wise temperature (kl mode).")] = 1.0,
-    pair: Annotated[str, typer.Option(help="official (3x3 max nodes) | paper (avg) | cirkd (2x2 max).")] = "official",
-    adversarial: Annotated[str, typer.Option(help="wgan-gp (official) | hinge (CIRKD).")] = "wgan-gp",
-    critic_optimizer: Annotated[str, typer.Option(help="sgd (official) | adam.")] = "sgd",
-    critic_lr: Annotated[float, typer.Option(help="Critic learning rate.")] = 4e-4,
-    critic_image: Annotated[
-        bool, typer.Option("--critic-image", help="Condition the critic on the image (paper).")
-    ] = False,
-    lambda_kd: Annotated[float, typer.Option(help="kd weight (CIRKD train_kd.sh: 1).")] = 1.0,
-    kd_temperature: Annotated[float, typer.Option(help="kd temperature (CIRKD: 1).")] = 1.0,
-    lambda_cwd: Annotated[float, typer.Option(help="cwd weight (CIRKD train_cwd.sh --lambda-cwd-logit: 3).")] = 3.0,
-    cwd_temperature: Annotated[float, typer.Option(help="cwd temperature (CIRKD CriterionCWD: 4).")] = 4.0,
-    lambda_dist: Annotated[float, typer.Option(help="dist weight (DIST_KD segmentation: 1).")] = 1.0,
-    dist_beta: Annotated[float, typer.Option(help="dist inter-class weight beta (DIST: 1).")] = 1.0,
-    dist_gamma: Annotated[float, typer.Option(help="dist intra-class weight gamma (DIST: 1).")] = 1.0,
-    dist_temperature: Annotated[float, typer.Option(help="dist temperature (DIST segmentation: 1).")] = 1.0,
-    lambda_ifvd: Annotated[float, typer.Option(help="ifvd weight (CIRKD train_ifvd.sh --lambda-ifv: 20).")] = 20.0,
-    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across processes.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 2,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    no_amp: Annotated[bool, typer.Option("--no-amp", help="Disable the student's autocast on CUDA.")] = False,
-    teacher_precision: Annotated[
-        str,
-        typer.Option(help="Online teacher arithmetic: fp32 (default, as a default cache) | tf32 | fp16 | bf16."),
-    ] = "fp32",
-    eval_every: Annotated[int, typer.Option(help="Evaluate every N iterations (0: at the end).")] = 0,
-    eval_split: Annotated[str, typer.Option(help="Evaluation split.")] = "val",
-    eval_mode: Annotated[str, typer.Option(help="whole (official) | slide (tiles of the crop size).")] = "whole",
-    ckpt_every: Annotated[int, typer.Option(help="Checkpoint every N iterations (0: at evaluations).")] = 0,
-    log_every: Annotated[int, typer.Option(help="Log every N iterations.")] = 10,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
-    nproc: Annotated[int, typer.Option(help="Processes (torchrun DDP; gloo on CPU, NCCL on GPU).")] = 1,
-    storage_option: Annotated[
-        list[str] | None, typer.Option("--storage-option", "-S", help="fsspec option KEY=VALUE (repeatable).")
-    ] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Local read-through cache for a remote --cache.")] = None,
-    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log to TensorBoard (if installed).")] = False,
-    deterministic: Annotated[
+        None,
+        "ImageNet backbone file (mmcv v1c, CSAIL/CIRKD deep-stem, timm/torchvision where the stem fits).",
+    ),
+    "lambda_pi": Opt(float, 10.0, "Pixel-wise weight."),
+    "lambda_pa": Opt(float, 0.5, "Pair-wise weight."),
+    "lambda_d": Opt(float, 0.1, "Holistic weight (student term and critic loss)."),
+    "lambda_gp": Opt(float, 10.0, "Gradient-penalty weight inside the critic loss."),
+    "aux_weight": Opt(float, 0.4, "Auxiliary head CE weight."),
+    "pixel_mode": Opt(str, "official", "official (batch-summed soft CE) | kl (CIRKD)."),
+    "temperature": Opt(float, 1.0, "Pixel-wise temperature (kl mode)."),
+    "pair": Opt(str, "official", "official (3x3 max nodes) | paper (avg) | cirkd (2x2 max)."),
+    "adversarial": Opt(str, "wgan-gp", "wgan-gp (official) | hinge (CIRKD)."),
+    "critic_optimizer": Opt(str, "sgd", "sgd (official) | adam."),
+    "critic_lr": Opt(float, 4e-4, "Critic learning rate."),
+    "critic_image": Opt(bool, False, "Condition the critic on the image (paper)."),
+    "lambda_kd": Opt(float, 1.0, "kd weight (CIRKD train_kd.sh: 1)."),
+    "kd_temperature": Opt(float, 1.0, "kd temperature (CIRKD: 1)."),
+    "lambda_cwd": Opt(float, 3.0, "cwd weight (CIRKD train_cwd.sh --lambda-cwd-logit: 3)."),
+    "cwd_temperature": Opt(float, 4.0, "cwd temperature (CIRKD CriterionCWD: 4)."),
+    "lambda_dist": Opt(float, 1.0, "dist weight (DIST_KD segmentation: 1)."),
+    "dist_beta": Opt(float, 1.0, "dist inter-class weight beta (DIST: 1)."),
+    "dist_gamma": Opt(float, 1.0, "dist intra-class weight gamma (DIST: 1)."),
+    "dist_temperature": Opt(float, 1.0, "dist temperature (DIST segmentation: 1)."),
+    "lambda_ifvd": Opt(float, 20.0, "ifvd weight (CIRKD train_ifvd.sh --lambda-ifv: 20)."),
+    "sync_bn": Opt(bool, False, "SyncBatchNorm across processes."),
+    "seed": Opt(int, 0, "Seed."),
+    "workers": Opt(int, 2, "DataLoader workers."),
+    "device": Opt(str, "auto", "auto | cpu | cuda."),
+    "no_amp": Opt(bool, False, "Disable the student's autocast on CUDA."),
+    "teacher_precision": Opt(
+        str, "fp32", "Online teacher arithmetic: fp32 (default, as a default cache) | tf32 | fp16 | bf16."
+    ),
+    "eval_every": Opt(int, 0, "Evaluate every N iterations (0: at the end)."),
+    "eval_split": Opt(str, "val", "Evaluation split."),
+    "eval_mode": Opt(str, "whole", "whole (official) | slide (tiles of the crop size)."),
+    "ckpt_every": Opt(int, 0, "Checkpoint every N iterations (0: at evaluations)."),
+    "log_every": Opt(int, 10, "Log every N iterations."),
+    "resume": Opt(bool, False, "Continue the run in --out."),
+    "nproc": Opt(int, 1, "Processes (torchrun DDP; gloo on CPU, NCCL on GPU)."),
+    "storage_option": Opt(list[str] | None, None, "fsspec option KEY=VALUE (repeatable).", ("--storage-option", "-S")),
+    "cache_dir": Opt(Path | None, None, "Local read-through cache for a remote --cache."),
+    "tensorboard": Opt(bool, False, "Also log to TensorBoard (if installed)."),
+    "deterministic": Opt(
         bool,
-        typer.Option(
-            "--deterministic",
-            help="Only deterministic kernels (slower; on CUDA some PSPNet backward ops have none and stop the run).",
-        ),
-    ] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
+        False,
+        "Only deterministic kernels (slower; on CUDA some PSPNet backward ops have none and stop the run).",
+    ),
+    "json_out": Opt(bool, False, "Print the result as JSON.", ("--json",)),
+}
+
+
+@app.command("train")
+@with_options(TRAIN_OPTIONS)
+def train(**flags: Any) -> None:
     """Train a student (task loss + the chosen distillation losses)."""
+    out, nproc = flags["out"], flags["nproc"]
     set_interrupt_hint(f": checkpoints are kept; add --resume to the same command to continue the run in {out}")
     in_range("--nproc", nproc, 1, 1024)
     check_destination(str(out), "--out")
     from .train import TrainConfig, check_out_dir
-    from .train import train as run_train
 
-    # every flag maps onto the TrainConfig field of the same flag (cache_tools.options.flag_of)
-    flags = {**locals(), "storage_option": parse_storage_options(storage_option)}
+    flags["storage_option"] = parse_storage_options(flags["storage_option"])
     config = config_from_flags(
-        TrainConfig,
-        flags,
-        {"losses": lambda v, _: _parse_losses(v), "splits": names, "crop": hw, "scales": floats},
+        TrainConfig, flags, {"losses": _parse_losses, "splits": names, "crop": hw, "scales": floats}
     )
     if nproc > 1:
         from .distributed import launch
@@ -176,24 +165,34 @@ def train(
         raise typer.Exit(launch(nproc, _strip_nproc(sys.argv[1:])))
     from .distributed import dist_env
 
-    # the progress bar goes to stderr, so --json output on stdout stays machine-readable
-    if dist_env().rank != 0:
-        result = run_train(config)
-    else:
-        from cache_tools.clikit import progress_bar
-
-        with progress_bar("train", total=config.iters, unit="iters") as update:
-
-            def progress(step: int, total: int, m: dict) -> None:
-                terms = " ".join(
-                    f"{k}={m[k]:.3f}" for k in ("loss", "task", "pixel", "pair", "adv", "critic") if k in m
-                )
-                update(step, rate=f"lr={m['lr']:.2e}", extra=terms)
-
-            result = run_train(config, progress=progress)
-    if dist_env().rank != 0:
+    main_rank = dist_env().rank == 0  # only rank 0 shows progress and the summary
+    result = _run_training(config, show_progress=main_rank)
+    if not main_rank:
         return
-    summary = {
+    if flags["json_out"]:
+        print_json(_train_summary(result))
+        return
+    _summary_table(config, result)
+
+
+def _run_training(config, show_progress: bool):
+    """Train ``config``, with a progress bar on stderr (so --json output on stdout stays machine-readable)."""
+    from .train import train as run_train
+
+    if not show_progress:
+        return run_train(config)
+    with progress_bar("train", total=config.iters, unit="iters") as update:
+
+        def show(step: int, total: int, m: dict) -> None:
+            terms = " ".join(f"{k}={m[k]:.3f}" for k in ("loss", "task", "pixel", "pair", "adv", "critic") if k in m)
+            update(step, rate=f"lr={m['lr']:.2e}", extra=terms)
+
+        return run_train(config, progress=show)
+
+
+def _train_summary(result) -> dict:
+    """The --json summary of a training run."""
+    return {
         "out": result.out,
         "steps": result.steps,
         "seconds": round(result.seconds, 2),
@@ -203,10 +202,6 @@ def train(
         "checkpoint": result.checkpoint,
         "weights": result.weights,
     }
-    if json_out:
-        print_json(summary)
-        return
-    _summary_table(config, result)
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:

@@ -26,14 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cache_tools.clikit import start_workers
 from cache_tools.datasets import open_dataset
 from cache_tools.errors import CacheWriteError, ConfigError, DatasetError, SkdError, WeightsError
 from cache_tools.options import MAX_SEED, MAX_SIDE, check_options, option
+from cache_tools.workers import start_workers
 from pipeline.families import family_of
 from pipeline.inference import PRECISIONS, autocast, check_precision, pick_device, teacher_precision
-from pipeline.teachers import create_teacher, save_weights
+from pipeline.teachers import create_teacher
 from pipeline.views import OFFICIAL_SCALES
+from pipeline.weights import save_weights
 
 from .checkpoint import first_nonfinite, load_checkpoint, save_checkpoint
 from .critic import Critic

@@ -229,7 +229,7 @@ def test_verbose_shows_the_traceback_and_plain_runs_do_not(world):
 _WORKER_MASK = """
 import os, signal, torch
 from pathlib import Path
-from cache_tools.clikit import start_workers
+from cache_tools.workers import start_workers
 
 class SignalMask(torch.utils.data.Dataset):
     def __len__(self):

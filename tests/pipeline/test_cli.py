@@ -10,7 +10,8 @@ import torch
 
 from cache_tools import open_cache
 from pipeline.cli import main
-from pipeline.teachers import create_model, save_weights
+from pipeline.registry import create_model
+from pipeline.weights import save_weights
 from tests.cli import assert_one_line_error, assert_refused, run_cli
 
 
@@ -133,6 +134,38 @@ def test_build_flags_match_the_build_config():
         "field 'no_such_knob' has no flag --no-such-knob"
     ]
     assert any("--workers" in p for p in flag_drift(app, "build", BuildConfig, cli_only={"json_out", "scheduler"}))
+
+
+def test_an_option_table_declares_a_command_as_a_written_signature_would():
+    import typer
+    from typer.testing import CliRunner
+
+    from cache_tools.clikit import Opt, with_options
+
+    app, seen = typer.Typer(add_completion=False), {}
+    table = {
+        "count": Opt(int, ..., "How many."),
+        "fast": Opt(bool, False, "Go fast."),
+        "tag": Opt(list[str] | None, None, "A tag (repeatable).", ("--tag", "-t")),
+        "json_out": Opt(bool, False, "Print JSON.", ("--json",)),
+    }
+
+    @app.command()
+    @with_options(table)
+    def cmd(**flags) -> None:
+        """Do it."""
+        seen.update(flags)
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["--count", "3", "--fast", "-t", "a", "--tag", "b", "--json"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"count": 3, "fast": True, "tag": ["a", "b"], "json_out": True}
+    # the table's order is --help's order; a bool is one on-flag (no --no-fast twin); --count is required
+    params = typer.main.get_command(app).params
+    assert [p.opts for p in params] == [["--count"], ["--fast"], ["--tag", "-t"], ["--json"]]
+    assert params[1].secondary_opts == [] and params[0].required
+    assert runner.invoke(app, ["--count", "1", "--no-fast"]).exit_code == 2
+    assert runner.invoke(app, []).exit_code == 2
 
 
 def test_logits_clip_help_states_the_codec_defaults():
