@@ -31,6 +31,7 @@ from pathlib import Path
 from common import OUT, cli, save
 
 from cache_tools.datasets import write_sample_dataset
+from pipeline.demo import paired_interval
 
 ROOT = OUT / "methods"
 SKD = ["--losses", "pixel,pair,holistic", "--pixel-mode", "kl", "--lambda-pi", "1"]
@@ -104,6 +105,23 @@ def run(args, data: Path, name: str, extra: list[str], seed: int) -> tuple[float
     return r["miou"], r["seconds"]
 
 
+def report(results: dict[str, list[float]]) -> dict[str, dict]:
+    """Print the table: mean, std, and each row minus the student alone paired by seed (95 % t interval)."""
+    alone = results.get("student alone")
+    print("| setting | mIoU mean | std | − alone [95 % interval] | per seed |\n|---|---|---|---|---|")
+    differences = {}
+    for name, vals in results.items():
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        per = " · ".join(f"{100 * v:.2f}" for v in vals)
+        diff = ""
+        if alone is not None and name != "student alone":
+            mean, dstd, ci = paired_interval([a - b for a, b in zip(vals, alone, strict=True)])
+            differences[name] = {"mean": mean, "std": dstd, "ci95": ci}
+            diff = f"{100 * mean:+.2f}" + (f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci else "")
+        print(f"| {name} | {100 * statistics.mean(vals):.2f} | {100 * std:.2f} | {diff} | {per} |")
+    return differences
+
+
 def _names(text: str, allowed) -> list[str]:
     out = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in out if x not in allowed]
@@ -145,11 +163,7 @@ def main() -> None:
             print(f"seed {seed}  {name:34s} mIoU {100 * miou:6.2f}  ({secs:.0f} s)", flush=True)
     made = f"{args.teacher_iters} it" if args.teacher_iters else "shipped demo teacher"
     print(f"\nteacher psp34_mini ({made}): {100 * teacher_miou:.2f} mIoU")
-    print("| setting | mIoU mean | std | per seed |\n|---|---|---|---|")
-    for name, vals in results.items():
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        per = " ".join(f"{100 * v:.2f}" for v in vals)
-        print(f"| {name} | {100 * statistics.mean(vals):.2f} | {100 * std:.2f} | {per} |")
+    differences = report(results)
     path = save(
         "methods",
         {
@@ -160,6 +174,7 @@ def main() -> None:
             "views": args.views,
             "teacher_miou": teacher_miou,
             "miou": results,
+            "difference_to_alone": differences,
             "seconds": seconds,
             "wall_s": time.perf_counter() - t0,
         },

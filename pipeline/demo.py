@@ -36,7 +36,7 @@ from pathlib import Path
 
 from cache_tools.errors import ConfigError, SkdError, WeightsError
 
-__all__ = ["DemoPreset", "PRESETS", "report_lines", "run_demo", "t_quantile", "teacher_asset"]
+__all__ = ["DemoPreset", "PRESETS", "paired_interval", "report_lines", "run_demo", "t_quantile", "teacher_asset"]
 
 ASSETS = Path(__file__).resolve().parent / "demo_assets"
 
@@ -160,15 +160,19 @@ def _difference(a: dict, b: dict) -> dict | None:
     if not seeds:
         return None
     per_seed = [a["miou_per_seed"][a["seeds"].index(s)] - b["miou_per_seed"][b["seeds"].index(s)] for s in seeds]
-    mean = statistics.mean(per_seed)
+    mean, std, ci95 = paired_interval(per_seed)
     out = {"row": a["name"], "vs": b["name"], "seeds": seeds, "per_seed": per_seed, "mean": mean}
-    if len(seeds) > 1:
-        std = statistics.stdev(per_seed)
-        half = t_quantile(0.975, len(seeds) - 1) * std / math.sqrt(len(seeds))
-        out |= {"std": std, "ci95": [mean - half, mean + half], "beyond_noise": mean - half > 0}
-    else:
-        out |= {"std": None, "ci95": None, "beyond_noise": None}
-    return out
+    return out | {"std": std, "ci95": ci95, "beyond_noise": None if ci95 is None else ci95[0] > 0}
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float | None, list[float] | None]:
+    """Mean, std and 95 % Student-t interval of per-seed differences (std and interval None for one seed)."""
+    mean = statistics.mean(differences)
+    if len(differences) < 2:
+        return mean, None, None
+    std = statistics.stdev(differences)
+    half = t_quantile(0.975, len(differences) - 1) * std / math.sqrt(len(differences))
+    return mean, std, [mean - half, mean + half]
 
 
 def _noise(rows: list[dict]) -> dict:
