@@ -63,6 +63,7 @@ __all__ = [
     "poly_lr",
     "train",
     "train_step",
+    "valid_on_grid",
 ]
 
 logger = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ def _task_loss(out, label: Tensor, aux_weight: float, ignore_index: int) -> Tens
     return loss
 
 
-def _valid_on_grid(label: Tensor, grid: tuple[int, int], ignore_index: int) -> Tensor:
+def valid_on_grid(label: Tensor, grid: tuple[int, int], ignore_index: int) -> Tensor:
     """Label != ignore at the grid nodes (nearest node pixel, align_corners=True positions)."""
     h, w = label.shape[-2:]
     ys = torch.linspace(0, h - 1, grid[0], device=label.device).round().long()
@@ -359,10 +360,10 @@ def _distilled_on_grid(batch: TrainBatch, grid: tuple[int, int], ignore_index: i
     ``labels`` (CIRKD's masked KL), a labelled entry's ignore pixels are left out too, while an
     unlabelled entry is distilled everywhere in its image (distillation needs no label).
     """
-    inside = _valid_on_grid(torch.isnan(batch.image[:, 0]).to(torch.uint8), grid, 1)
+    inside = valid_on_grid(torch.isnan(batch.image[:, 0]).to(torch.uint8), grid, 1)
     if not labels:
         return inside
-    valid = _valid_on_grid(batch.label, grid, ignore_index)
+    valid = valid_on_grid(batch.label, grid, ignore_index)
     if batch.labelled is None:
         return valid
     return torch.where(batch.labelled[:, None, None], valid, inside)

@@ -17,7 +17,7 @@ from cache_tools.schema import DatasetStamp
 from pipeline.cli import main as skdcache
 from student.cli import main as skdstudent
 from student.data import DrawSampler, SegTrainData, collate_samples, labelled_per_batch
-from student.train import TrainConfig, _distilled_on_grid, _task_loss, _valid_on_grid, train
+from student.train import TrainConfig, _distilled_on_grid, _task_loss, train, valid_on_grid
 from tests.cli import assert_one_line_error, run_cli
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cache_v1"
@@ -146,7 +146,7 @@ def test_unlabelled_entries_add_no_task_gradient_but_are_distilled():
     batch = SimpleNamespace(image=image, label=label, labelled=torch.tensor([True, False]))
     mask = _distilled_on_grid(batch, (5, 5), 255, labels=True)
     assert mask[1, :, :3].all() and not mask[1, :, 4:].any()
-    assert torch.equal(mask[0], _valid_on_grid(label, (5, 5), 255)[0])  # a labelled entry: its labelled pixels
+    assert torch.equal(mask[0], valid_on_grid(label, (5, 5), 255)[0])  # a labelled entry: its labelled pixels
 
 
 def _cfg(mixed, out, **kw) -> TrainConfig:
