@@ -58,8 +58,10 @@ def create_teacher(
         random_weights: build with random weights instead (smoke tests only). The init is drawn
             from ``torch.manual_seed(seed)`` inside a forked RNG, so two builds are identical and
             the caller's RNG state is untouched. The BatchNorm statistics are then set from one
-            seeded noise batch, so the outputs have unit scale (a random net in eval mode with
-            running stats 0/1 gives logits of 1e5..1e7, which overflow fp16 caches).
+            seeded noise batch, so every BN output has unit scale and the logits stay finite (a
+            random net in eval mode with running stats 0/1 gives logits of 1e5..1e7, which overflow
+            fp16 caches). The logits are not unit-scale: a random psp101's have std ~144, far past a
+            gap codec's clip, so random teachers test plumbing, never agreement or quality.
         weights_format: "auto", "official" or "skd".
         model_kwargs: extra options for the factory.
 
