@@ -1,11 +1,12 @@
 """Which distillation methods does one teacher cache serve, and how well? mean +- std mIoU over seeds.
 
-    python benchmarks/methods.py                                   # the full run: 3 seeds, 300 iterations
-    python benchmarks/methods.py --seeds 0 --iters 40 --teacher-iters 60 --methods none,kd,cwd,ifvd
+    python benchmarks/methods.py --iters 200 --unlabelled-methods kd --workers 0   # docs/benchmarks.md §10 (94 min)
+    python benchmarks/methods.py --seeds 0 --iters 40 --methods none,kd,cwd,ifvd      # a smoke run
 
 On the sample benchmark (``benchmarks/quality.py``'s recipe: 160 train / 40 val procedural scenes at
 128x256, here with ``--extra`` unlabelled ``train_extra`` images next to them), one teacher
-(psp34_mini, task loss only) and the same student recipe (psp18_mini, batch 8, crop 128x128,
+(the demo's shipped psp34_mini, trained on these 160 labelled images; ``--teacher-iters N`` trains
+one here instead) and the same student recipe (psp18_mini, batch 8, crop 128x128,
 lr 0.02) for every row:
 
 * student alone (task loss only);
@@ -16,7 +17,9 @@ lr 0.02) for every row:
 * for each method of ``--unlabelled-methods``, the same from the dense cache on
   ``--split train,train_extra``: what the unlabelled images add (task loss on the labelled ones only).
 
-Every method uses its reference defaults (docs/training.md, "Methods"). Raw numbers go to
+Every method uses its reference defaults (docs/training.md, "Methods"). Rows are paired by seed (same
+initialisation and sample stream): the table gives each row minus the student alone with its 95 %
+Student-t interval. Raw numbers go to
 ``benchmarks/out/methods.json``; the printed table is what docs/benchmarks.md quotes.
 """
 
