@@ -272,22 +272,11 @@ def _family(model: nn.Module) -> str:
 
 @pytest.mark.slow
 def test_skd_student_trains_from_an_mmseg_teacher_cache(sample_root, tmp_path, capsys):
-    from student.train import TrainConfig, train
+    from student.train import train
+    from tests.student.helpers import tiny_config
 
     url = _views_store(sample_root, tmp_path, "mmseg_psp_r18_mini", capsys, crop="64x64")  # the critic needs 8x8
-    cfg = TrainConfig(
-        data=str(sample_root),
-        out=str(tmp_path / "run"),
-        student="psp_tiny",
-        cache=url,
-        iters=2,
-        batch_size=2,
-        crop=(64, 64),
-        workers=0,
-        eval_split="none",
-        log_every=1,
-    )
-    result = train(cfg)
+    result = train(tiny_config(sample_root, tmp_path / "run", cache=url))
     assert result.steps == 2
     for key in ("task", "pixel", "pair"):
         assert key in result.last and np.isfinite(result.last[key])
@@ -318,21 +307,16 @@ def family_caches(sample_root, tmp_path_factory):
 def test_students_of_each_family_train_from_each_familys_cache(
     teacher_family, student_family, family_caches, sample_root, tmp_path
 ):
-    from student.train import TrainConfig, train
+    from student.train import train
+    from tests.student.helpers import tiny_config
 
-    cfg = TrainConfig(
-        data=str(sample_root),
-        out=str(tmp_path / "run"),
+    cfg = tiny_config(
+        sample_root,
+        tmp_path / "run",
         student=_FAMILY_MINIS[student_family],
         cache=family_caches[teacher_family],
         losses=("pixel", "pair", "kd", "ifvd"),
         pixel_mode="kl",
-        iters=2,
-        batch_size=2,
-        crop=(64, 64),
-        workers=0,
-        eval_split="none",
-        log_every=1,
     )
     result = train(cfg)
     assert result.steps == 2

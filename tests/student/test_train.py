@@ -13,6 +13,7 @@ from pipeline.build import BuildConfig, build_cache
 from pipeline.weights import save_weights
 from student.checkpoint import load_checkpoint
 from student.train import TrainConfig, TrainingDivergedError, train
+from tests.student.helpers import Stop, stop_at, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +26,7 @@ def caches(sample_root, tmp_path_factory):
 
 
 def _cfg(sample_root, out, **kw) -> TrainConfig:
-    base = dict(
-        data=str(sample_root),
-        out=str(out),
-        student="psp_tiny",
-        iters=3,
-        batch_size=2,
-        crop=(64, 64),
-        workers=0,
-        eval_split="none",
-        log_every=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(sample_root, out, **{"iters": 3, **kw})
 
 
 @pytest.mark.parametrize("store", ["dense.zarr", "views.zarr"])
@@ -70,15 +59,8 @@ def test_resume_equals_an_uninterrupted_run(sample_root, caches, tmp_path, worke
     cache = str(caches / "dense.zarr")
     full = train(_cfg(sample_root, tmp_path / "full", cache=cache, iters=4, ckpt_every=2, workers=workers))
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_3(step, total, metrics):
-        if step == 3:
-            raise Stop
-
     with pytest.raises(Stop):
-        train(_cfg(sample_root, tmp_path / "cut", cache=cache, iters=4, ckpt_every=2, workers=workers), stop_at_3)
+        train(_cfg(sample_root, tmp_path / "cut", cache=cache, iters=4, ckpt_every=2, workers=workers), stop_at(3))
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["step"] == 2
     resumed = train(
         _cfg(sample_root, tmp_path / "cut", cache=cache, iters=4, ckpt_every=2, workers=workers, resume=True)
@@ -319,15 +301,8 @@ def test_resume_keeps_the_best_checkpoint_unless_it_is_beaten(sample_root, tmp_p
     monkeypatch.setattr(train_module, "_evaluate", _fake_eval({2: 0.3, 4: 0.5, 6: 0.6, 8: 0.55, 10: 0.1}))
     cfg = dict(losses=(), iters=10, eval_every=2, ckpt_every=4, log_every=1)
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_7(step, total, metrics):
-        if step == 7:
-            raise Stop
-
     with pytest.raises(Stop):
-        train(_cfg(sample_root, tmp_path / "run", **cfg), stop_at_7)
+        train(_cfg(sample_root, tmp_path / "run", **cfg), stop_at(7))
     best = tmp_path / "run" / "checkpoints" / "best.pt"
     assert load_checkpoint(best)["step"] == 6
     train(_cfg(sample_root, tmp_path / "run", resume=True, **cfg))

@@ -15,6 +15,7 @@ from student.cli import main as skdstudent
 from student.losses import TargetNeed
 from student.train import ALL_LOSSES, METHOD_NAMES, NEEDS, TrainConfig, train
 from tests.cli import assert_one_line_error, run_cli
+from tests.student.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +34,7 @@ def stores(sample_root, tmp_path_factory):
 
 
 def _cfg(sample_root, out, **kw) -> TrainConfig:
-    base = dict(
-        data=str(sample_root),
-        out=str(out),
-        student="psp_tiny",
-        iters=2,
-        batch_size=2,
-        crop=(64, 64),
-        workers=0,
-        eval_split="none",
-        log_every=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(sample_root, out, **kw)
 
 
 def _source(stores, name: str) -> dict:

@@ -19,6 +19,7 @@ from student.cli import main as skdstudent
 from student.data import DrawSampler, SegTrainData, collate_samples, labelled_per_batch
 from student.train import TrainConfig, _distilled_on_grid, _task_loss, train, valid_on_grid
 from tests.cli import assert_one_line_error, run_cli
+from tests.student.helpers import Stop, stop_at, tiny_config
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cache_v1"
 TRAIN, EXTRA = 4, 2
@@ -150,21 +151,8 @@ def test_unlabelled_entries_add_no_task_gradient_but_are_distilled():
 
 
 def _cfg(mixed, out, **kw) -> TrainConfig:
-    base = dict(
-        data=str(mixed / "data"),
-        out=str(out),
-        student="psp_tiny",
-        iters=2,
-        batch_size=2,
-        crop=(64, 64),
-        workers=0,
-        eval_split="none",
-        log_every=1,
-        splits=("train", "train_extra"),
-        cache=str(mixed / "dense.zarr"),
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    base = dict(splits=("train", "train_extra"), cache=str(mixed / "dense.zarr"))
+    return tiny_config(mixed / "data", out, **{**base, **kw})
 
 
 def test_training_on_the_mix_with_a_labelled_share(mixed, tmp_path, capsys):
@@ -200,15 +188,8 @@ def test_a_run_on_the_mix_resumes_exactly(mixed, tmp_path):
     kw = dict(losses=("kd", "pair"), iters=4, ckpt_every=2, labelled_share=0.5)
     full = train(_cfg(mixed, tmp_path / "full", **kw))
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_3(step, total, metrics):
-        if step == 3:
-            raise Stop
-
     with pytest.raises(Stop):
-        train(_cfg(mixed, tmp_path / "cut", **kw), stop_at_3)
+        train(_cfg(mixed, tmp_path / "cut", **kw), stop_at(3))
     with pytest.raises(ConfigError, match="labelled_share"):
         train(_cfg(mixed, tmp_path / "cut", **{**kw, "labelled_share": 1.0}, resume=True))
     resumed = train(_cfg(mixed, tmp_path / "cut", **kw, resume=True))
