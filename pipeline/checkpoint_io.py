@@ -44,7 +44,16 @@ from torch import Tensor
 
 from cache_tools.errors import WeightsError
 
-__all__ = ["Loaded", "Skipped", "is_hostile", "load_torch_file", "restricted_load", "sniff"]
+__all__ = ["Loaded", "Skipped", "existing_file", "is_hostile", "load_torch_file", "restricted_load", "sniff"]
+
+
+def existing_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, or WeightsError in one line when nothing or a folder is there."""
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"checkpoint {p} does not exist" if not p.exists() else f"checkpoint {p} is not a file")
+    return p
+
 
 #: ``torch.save``'s legacy stream starts with this number, pickled with protocol 2.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C

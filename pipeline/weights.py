@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from cache_tools.errors import ModelError, WeightsError
-from pipeline.checkpoint_io import Skipped, load_torch_file, sniff
+from pipeline.checkpoint_io import Skipped, existing_file, load_torch_file, sniff
 from pipeline.families import family_of
 from pipeline.registry import one_line
 
@@ -122,9 +122,7 @@ def read_state_dict(path: str | os.PathLike) -> WeightsFile:
         WeightsError: missing, empty, unreadable, truncated or corrupt file, one that is not a
             checkpoint, one whose pickle names something hostile, or one holding no state dict.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise WeightsError(f"checkpoint {p} does not exist" if not p.exists() else f"checkpoint {p} is not a file")
+    p = existing_file(path)
     try:
         is_st = _is_safetensors(p)
     except OSError as e:

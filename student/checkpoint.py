@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cache_tools.errors import CacheWriteError, WeightsError
-from pipeline.checkpoint_io import load_torch_file, sniff
+from pipeline.checkpoint_io import existing_file, load_torch_file, sniff
 from pipeline.registry import create_model
 from pipeline.weights import load_weights, read_state_dict
 
@@ -105,9 +105,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         WeightsError: a missing, empty, truncated or damaged file, one that is not an skd training
             checkpoint (another project's file, objects of other classes), or a hostile pickle.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise WeightsError(f"checkpoint {p} does not exist" if not p.exists() else f"checkpoint {p} is not a file")
+    p = existing_file(path)
     try:
         loaded = load_torch_file(p)
     except OSError as exc:
