@@ -52,6 +52,7 @@ from common import OUT, save
 
 from cache_tools.codecs import FeatureCodec, LogitCodec
 from cache_tools.datasets import open_dataset, write_sample_dataset
+from cache_tools.errors import SkdError
 from cache_tools.fidelity import kl_per_pixel, pool_cells
 from cache_tools.schema import View
 from pipeline.inference import output_grid, run_teacher
@@ -507,4 +508,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SkdError as exc:  # a missing weights file, a bad dataset: one line, as the CLIs say it
+        raise SystemExit(f"error: {exc}") from None
