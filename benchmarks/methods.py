@@ -20,7 +20,7 @@ lr 0.02) for every row:
 Every method uses its reference defaults (docs/training.md, "Methods"). Rows are paired by seed (same
 initialisation and sample stream): the table gives each row minus the student alone with its 95 %
 Student-t interval. Raw numbers go to
-``benchmarks/out/methods.json``; the printed table is what docs/benchmarks.md quotes.
+``benchmarks/out/methods.json`` (``--name``); the printed table is what docs/benchmarks.md quotes.
 """
 
 from __future__ import annotations
@@ -108,20 +108,32 @@ def run(args, data: Path, name: str, extra: list[str], seed: int) -> tuple[float
     return r["miou"], r["seconds"]
 
 
+def _paired(a: list[float], b: list[float]) -> tuple[dict, str]:
+    """a − b paired by seed: ({mean, std, ci95}, the table cell)."""
+    mean, std, ci = paired_interval([x - y for x, y in zip(a, b, strict=True)])
+    cell = f"{100 * mean:+.2f}" + (f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci else "")
+    return {"mean": mean, "std": std, "ci95": ci}, cell
+
+
 def report(results: dict[str, list[float]]) -> dict[str, dict]:
-    """Print the table: mean, std, and each row minus the student alone paired by seed (95 % t interval)."""
+    """Print the table: mean, std, and each row minus the student alone and minus the same method
+    online, paired by seed (95 % t interval)."""
     alone = results.get("student alone")
-    print("| setting | mIoU mean | std | − alone [95 % interval] | per seed |\n|---|---|---|---|---|")
+    print("| setting | mIoU mean | std | − alone [95 % interval] | − online [95 % interval] | per seed |")
+    print("|---|---|---|---|---|---|")
     differences = {}
     for name, vals in results.items():
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
         per = " · ".join(f"{100 * v:.2f}" for v in vals)
-        diff = ""
+        vs_alone = vs_online = ""
         if alone is not None and name != "student alone":
-            mean, dstd, ci = paired_interval([a - b for a, b in zip(vals, alone, strict=True)])
-            differences[name] = {"mean": mean, "std": dstd, "ci95": ci}
-            diff = f"{100 * mean:+.2f}" + (f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci else "")
-        print(f"| {name} | {100 * statistics.mean(vals):.2f} | {100 * std:.2f} | {diff} | {per} |")
+            differences[name], vs_alone = _paired(vals, alone)
+        method, _, source = name.partition(", ")
+        online = results.get(f"{method}, online")
+        if online is not None and source in ("dense", "views"):
+            to_online, vs_online = _paired(vals, online)
+            differences.setdefault(name, {})["to_online"] = to_online
+        print(f"| {name} | {100 * statistics.mean(vals):.2f} | {100 * std:.2f} | {vs_alone} | {vs_online} | {per} |")
     return differences
 
 
@@ -146,6 +158,7 @@ def main() -> None:
     ap.add_argument("--extra", type=int, default=160, help="unlabelled train_extra images (0: no such row)")
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--name", default="methods", help="raw numbers go to benchmarks/out/NAME.json")
     args = ap.parse_args()
     args.methods = _names(args.methods, METHODS)
     args.sources = _names(args.sources, SOURCES)
@@ -168,7 +181,7 @@ def main() -> None:
     print(f"\nteacher psp34_mini ({made}): {100 * teacher_miou:.2f} mIoU")
     differences = report(results)
     path = save(
-        "methods",
+        args.name,
         {
             "seeds": seeds,
             "iters": args.iters,

@@ -99,3 +99,32 @@ def test_replay_is_what_training_reads_from_a_built_dense_store(bench, data, tmp
     got = bench.cross_check(data, "psp_tiny", None, (48, 48), tmp_path, draws=6, dense_flip=dense_flip)
     assert got["draws"] == 6 and 0 < got["mirrored"] < 6  # both kinds of view were compared
     assert got["logits_max_abs_diff"] == 0.0 and got["nodes_max_abs_diff"] == 0.0
+
+
+def test_fitted_head_stand_in_is_a_fitted_classifier_on_the_teachers_own_features(bench, data):
+    ds = open_dataset(data, splits=("train",))
+    loaded = [ds.load(i) for i in range(len(ds))]
+    images = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im, _, _ in loaded]
+    labels = [torch.from_numpy(np.ascontiguousarray(lab)) for _, lab, _ in loaded]
+    model, accuracy = bench.fitted_head("psp_tiny", images, labels, (48, 48), crops_per_image=3, steps=20)
+    assert not model.training
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(int(m.num_batches_tracked) == 1 and torch.isfinite(m.running_var).all() for m in bns)
+    # the folded standardisation: the model's own logits give the accuracy the fit reports
+    rng = np.random.default_rng(1)  # the same crops fitted_head draws
+    right = total = 0
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        for _ in range(3):
+            x, y = bench.apply_view(image, label, bench.sample_view(rng, i, tuple(image.shape[-2:]), (48, 48)))
+            logits, _ = bench.run_teacher(model, x[None], torch.device("cpu"))
+            y = torch.nn.functional.interpolate(y[None, None].float(), size=logits.shape[-2:], mode="nearest")[0, 0]
+            keep = y != 255
+            right += int(logits[0].argmax(0)[keep].eq(y[keep].long()).sum())
+            total += int(keep.sum())
+    assert accuracy == pytest.approx(100.0 * right / total, abs=0.5)
+    assert accuracy > 100.0 / 19
+
+
+def test_a_preset_without_weights_names_the_flag(bench, capsys):
+    with pytest.raises(SystemExit, match="needs --weights"):
+        bench.main(["--preset", "psp101"])
