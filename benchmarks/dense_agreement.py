@@ -39,7 +39,7 @@ No trained psp101 can be had on this machine. Two untrained stand-ins exist, and
 and its 1x1 classifier fitted to the crops' labels by multinomial logistic regression on the
 teacher's own features (``--fit-images`` images not among those measured). Validated against the
 trained demo teacher on its own architecture and geometry, the fitted stand-in agrees with its own
-online outputs on 59 % of nodes where the trained teacher agrees on 91 %: an untrained backbone
+online outputs on 59 % of nodes where the trained teacher agrees on 92 %: an untrained backbone
 leans on the pyramid's global context far more than a trained one, so such a stand-in overstates
 the dense replay's error and is kept only to show that (docs/benchmarks.md §11).
 """
