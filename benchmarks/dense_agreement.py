@@ -547,11 +547,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     teacher = args.teacher or preset["teacher"]
     weights = _weights(preset, args)
     size, crop = args.size or preset["size"], args.crop or preset["crop"]
+    if weights == FITTED and args.fit_images < 2:  # before anything is written
+        raise SystemExit("error: --weights fitted-head needs --fit-images 2 or more (BN statistics need a batch)")
     data = _data(args, size)
     ds = open_dataset(data, splits=("train",))
     fit = args.fit_images if weights == FITTED else 0
-    if weights == FITTED and fit < 2:
-        raise SystemExit("error: --weights fitted-head needs --fit-images 2 or more (BN statistics need a batch)")
     n = min(args.images, len(ds) - fit)
     if n < 1:
         raise SystemExit(f"error: {data} has {len(ds)} train images; --fit-images {fit} leaves none to measure")

@@ -18,8 +18,8 @@ lr 0.02) for every row:
   ``--split train,train_extra``: what the unlabelled images add (task loss on the labelled ones only).
 
 Every method uses its reference defaults (docs/training.md, "Methods"). Rows are paired by seed (same
-initialisation and sample stream): the table gives each row minus the student alone with its 95 %
-Student-t interval. Raw numbers go to
+initialisation and sample stream): the table gives each row minus the student alone, and each
+cached row minus the same method online, with its 95 % Student-t interval. Raw numbers go to
 ``benchmarks/out/methods.json`` (``--name``); the printed table is what docs/benchmarks.md quotes.
 """
 

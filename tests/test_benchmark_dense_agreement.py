@@ -125,6 +125,9 @@ def test_fitted_head_stand_in_is_a_fitted_classifier_on_the_teachers_own_feature
     assert accuracy > 100.0 / 19
 
 
-def test_a_preset_without_weights_names_the_flag(bench, capsys):
+def test_bad_teacher_choices_are_one_line_before_anything_is_written(bench, tmp_path):
     with pytest.raises(SystemExit, match="needs --weights"):
         bench.main(["--preset", "psp101"])
+    with pytest.raises(SystemExit, match="--fit-images 2 or more"):
+        bench.main(["--weights", "fitted-head", "--fit-images", "1", "--data", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
