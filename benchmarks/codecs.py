@@ -46,7 +46,7 @@ from cache_tools.schema import (
 )
 from cache_tools.store import open_cache, prepare_cache
 from cache_tools.testing import write_entries
-from pipeline.teachers import create_teacher
+from pipeline.teachers import calibrate_batchnorm, create_teacher
 from pipeline.views import apply_view, sample_views
 
 CITYSCAPES = (1024, 2048)
@@ -59,25 +59,13 @@ def teacher_outputs(n_images: int) -> tuple[list[np.ndarray], list[np.ndarray], 
     big = create_teacher("psp101", num_classes=19, random_weights=True, seed=0).model
     images = [render_scene(CITYSCAPES, seed=1000 + i)[0] for i in range(n_images)]
     xs = [torch.from_numpy(img).permute(2, 0, 1)[None].float() for img in images]
-    calibrate_bn(big, torch.cat(xs[:2]))
+    calibrate_batchnorm(big, torch.cat(xs[:2]))
     logits, feats = [], []
     for x in xs:
         with torch.inference_mode():
             logits.append(mini(x).logits[0].numpy())
             feats.append(big(x).feature[0].numpy())
     return logits, feats, images
-
-
-def calibrate_bn(model: torch.nn.Module, x: torch.Tensor) -> None:
-    """BatchNorm running statistics := those of ``x`` (what training would have converged to)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average: one batch sets the statistics exactly
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
 
 
 def _logit_codec(spec: str) -> LogitCodec:
@@ -271,7 +259,7 @@ def main() -> None:
     weights, _ = benchmark_teacher()
     mini = create_teacher("psp34_mini", num_classes=19, weights=weights).model
     big = create_teacher("psp101", num_classes=19, random_weights=True, seed=0).model
-    calibrate_bn(big, torch.cat([torch.from_numpy(img).permute(2, 0, 1)[None].float() for img in images[:2]]))
+    calibrate_batchnorm(big, torch.cat([torch.from_numpy(img).permute(2, 0, 1)[None].float() for img in images[:2]]))
     for i, img in enumerate(images):
         x = torch.from_numpy(img).permute(2, 0, 1)
         for v in sample_views(0, [CITYSCAPES], args.views, crop):

@@ -63,7 +63,7 @@ from cache_tools.errors import SkdError
 from cache_tools.fidelity import kl_per_pixel, pool_cells
 from cache_tools.schema import View
 from pipeline.inference import output_grid, run_teacher
-from pipeline.teachers import create_teacher
+from pipeline.teachers import calibrate_batchnorm, create_teacher
 from pipeline.views import (
     OFFICIAL_SCALES,
     apply_view,
@@ -413,14 +413,7 @@ def fitted_head(
             xs.append(x)
             ys.append(y)
     batch = torch.stack(xs)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(batch)
-    model.eval()
+    calibrate_batchnorm(model, batch)
     feats, targets = [], []
     for x, label in zip(batch.split(4), torch.stack(ys).split(4), strict=True):
         _, feature = run_teacher(model, x, torch.device("cpu"))

@@ -61,7 +61,7 @@ from cache_tools.store import prepare_cache
 from pipeline.build import BuildConfig, _ShardWriter, build_cache, build_shards, plan_build
 from pipeline.models.base import SegOutput
 from pipeline.registry import create_model
-from pipeline.teachers import create_teacher
+from pipeline.teachers import calibrate_batchnorm, create_teacher
 from student.train import TrainConfig, train
 
 CITYSCAPES = (1024, 2048)
@@ -194,22 +194,6 @@ def write_copies(root: Path, n: int, size: tuple[int, int], unique: int) -> Path
     return root
 
 
-def calibrate_bn(model: nn.Module, x: torch.Tensor) -> None:
-    """BatchNorm running statistics := those of ``x``, so random-weight activations have a trained scale.
-
-    Without it a random ResNet-101's activations grow block after block and fp16 overflows for a
-    reason no trained teacher has.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average: one batch sets the statistics exactly
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -273,7 +257,7 @@ def forward_rate(model: nn.Module, xs: torch.Tensor, device, precision: str, p: 
 def section_teacher(p: Profile, device: torch.device) -> tuple[dict, nn.Module]:
     model = create_teacher(p.teacher, num_classes=19, random_weights=True, seed=0, device=str(device)).model
     xs = images(p.size, 2, device)
-    calibrate_bn(model, xs)
+    calibrate_batchnorm(model, xs)
     rows, ref = [], None
     for precision in p.precisions:
         rate, z = forward_rate(model, xs, device, precision, p)
@@ -329,7 +313,7 @@ def stored_outputs(p: Profile, device: torch.device, teacher: nn.Module, psp101:
             return out.logits.float().cpu(), out.feature.float().cpu()
         logits = teacher(images(p.size, 1, device)).logits.float()
     xs = images(p.feature_size, 2, device)  # BatchNorm in training mode needs two images (1x1 pyramid level)
-    calibrate_bn(psp101, xs)
+    calibrate_batchnorm(psp101, xs)
     with torch.inference_mode():
         feature = psp101(xs[:1]).feature.float()
     resize = dict(size=tuple(int(v) for v in grid), mode="bilinear", align_corners=True)

@@ -28,19 +28,7 @@ from cache_tools.datasets.sample import render_scene
 from cache_tools.fidelity import cosine_matrix, kl_per_pixel, official_kernel, pool_cells
 from cache_tools.schema import parse_hw
 from pipeline.inference import run_teacher
-from pipeline.teachers import create_teacher
-
-
-def calibrate_bn(model: torch.nn.Module, x: torch.Tensor) -> None:
-    """BatchNorm running statistics := those of ``x`` (what training would have converged to)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average: one batch sets the statistics exactly
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
+from pipeline.teachers import calibrate_batchnorm, create_teacher
 
 
 def timed(model, x, device, precision) -> tuple[np.ndarray, np.ndarray, float]:
@@ -92,7 +80,7 @@ def run(args) -> dict:
         torch.from_numpy(render_scene(size, seed=1000 + i)[0]).permute(2, 0, 1)[None]
         for i in range(max(2, args.images))
     ]
-    calibrate_bn(model, torch.cat(xs[:2]).float().to(device))
+    calibrate_batchnorm(model, torch.cat(xs[:2]).float().to(device))
     xs = xs[: args.images]
     if device.type == "cuda":  # kernels chosen and loaded before anything is timed
         for p in precisions:

@@ -82,7 +82,7 @@ def create_teacher(
         torch.manual_seed(seed)
         model = create_model(name, num_classes=num_classes, **model_kwargs)
         if random_weights:
-            _calibrate_batchnorm(model)
+            calibrate_batchnorm(model)
     report = None
     if weights is not None:
         report = load_weights(model, weights, weights_format=weights_format, strict=True, state_dict=state_dict)
@@ -137,8 +137,9 @@ def _probe_outputs(model: nn.Module, name: str, num_classes: int) -> int:
     return int(feature.shape[1])
 
 
-def _calibrate_batchnorm(model: nn.Module, side: int = 97) -> None:
-    """Set every BN's running stats to those of one noise batch (2 x 3 x side x side, pixels 0–255)."""
+def calibrate_batchnorm(model: nn.Module, x: Tensor | None = None, side: int = 97) -> None:
+    """Set every BN's running stats to those of one batch: ``x`` (pixels 0–255), or noise
+    (2 x 3 x side x side) when None. A random-weights model's activations then have a trained scale."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
@@ -147,11 +148,13 @@ def _calibrate_batchnorm(model: nn.Module, side: int = 97) -> None:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: one batch sets the stats exactly
     param = next(model.parameters())
+    if x is None:
+        x = torch.rand(2, 3, side, side, device=param.device) * 255.0
     was_training = model.training
     model.train()
     try:
         with torch.no_grad():
-            model(torch.rand(2, 3, side, side, device=param.device) * 255.0)
+            model(x)
     finally:
         model.train(was_training)
         for m, momentum in zip(bns, momenta, strict=True):
